@@ -1,0 +1,6 @@
+"""gpu-ali3d: local refinement of cryo-EM particle poses (a re-implementation of SPARX sxlocal_ali3d).
+
+Conventions are stated once in :mod:`gpu_ali3d.geometry` (angles, shifts) and :mod:`gpu_ali3d.ctf` (defocus).
+Importing the package needs neither CUDA, MPI nor a compiler.
+"""
+__version__ = "0.1.0"

@@ -1,0 +1,174 @@
+"""The contrast transfer function: per-particle parameters, their EMAN2/RELION forms, and evaluation on grids.
+
+Convention (RELION's, and EMAN2Ctf's): defocus is positive for underfocus; the defocus along the azimuth
+``a = atan2(fy, fx)`` (fy along image rows, fx along columns, anticlockwise from +x) is
+
+    df(a) = (U + V) / 2 + (U - V) / 2 * cos(2 * (a - astig_angle))
+
+so U is the defocus along ``astig_angle``. With wavelength lambda (relativistic) and spatial frequency s (1/A):
+
+    gamma = pi * lambda * df * s^2 - pi / 2 * Cs * lambda^3 * s^4
+    CTF   = (sqrt(1 - Q^2) * sin(gamma) + Q * cos(gamma)) * exp(-B * s^2 / 4)
+
+so CTF(0) = +Q: the low frequencies of an image keep the contrast of the map's projection (as in RELION).
+EMAN2Ctf stores the mean defocus and ``dfdiff = U - V`` in micrometres, ``dfang`` = the angle of U in degrees,
+amplitude contrast in percent, B-factor in A^2.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+
+@dataclass
+class CTFParams:
+    """CTF parameters of n particles, each a float64 array of shape (n,).
+
+    defocus_u_A, defocus_v_A : Angstrom, positive underfocus. astig_angle_deg : degrees, direction of U.
+    voltage_kV : kilovolts. cs_mm : spherical aberration, mm. amp_contrast : fraction 0..1 (not percent).
+    bfactor_A2 : envelope B-factor, A^2 (0 = none).
+    """
+
+    defocus_u_A: np.ndarray
+    defocus_v_A: np.ndarray
+    astig_angle_deg: np.ndarray
+    voltage_kV: np.ndarray
+    cs_mm: np.ndarray
+    amp_contrast: np.ndarray
+    bfactor_A2: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = max(np.size(getattr(self, f.name)) for f in fields(self))
+        for f in fields(self):
+            v = np.asarray(getattr(self, f.name), dtype=np.float64)
+            if v.ndim > 1 or (v.size not in (1, n)):
+                raise ValueError(f"CTFParams.{f.name}: expected a scalar or an array of {n} values, got shape {v.shape}")
+            if not np.all(np.isfinite(v)):
+                raise ValueError(f"CTFParams.{f.name}: non-finite value {v[~np.isfinite(v)][0]}")
+            setattr(self, f.name, np.broadcast_to(v.reshape(-1), (n,)).copy())
+        if np.any((self.amp_contrast < 0) | (self.amp_contrast >= 1)):
+            raise ValueError(f"amplitude contrast must be a fraction in [0, 1), got {self.amp_contrast.max()}"
+                             " (EMAN2 gives percent: divide by 100)")
+        if np.any(self.voltage_kV <= 0):
+            raise ValueError(f"voltage must be positive (kV), got {self.voltage_kV.min()}")
+
+    def __len__(self) -> int:
+        return len(self.defocus_u_A)
+
+    def __getitem__(self, index) -> "CTFParams":
+        """The parameters of a subset of particles (index: int, slice, or integer/boolean array)."""
+        index = np.atleast_1d(np.arange(len(self))[index])
+        return CTFParams(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    @staticmethod
+    def concatenate(parts: list["CTFParams"]) -> "CTFParams":
+        return CTFParams(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(CTFParams)})
+
+    def allclose(self, other: "CTFParams", rtol: float = 1e-6, atol: float = 1e-6) -> bool:
+        return all(np.allclose(getattr(self, f.name), getattr(other, f.name), rtol=rtol, atol=atol)
+                   for f in fields(self))
+
+
+def wavelength_A(voltage_kV):
+    """Relativistic electron wavelength in Angstrom for an accelerating voltage in kV (RELION's constants)."""
+    v = np.asarray(voltage_kV, dtype=np.float64) * 1e3
+    return 12.2643247 / np.sqrt(v * (1.0 + v * 0.978466e-6))
+
+
+def evaluate(ctf: CTFParams, fx_invA, fy_invA) -> np.ndarray:
+    """CTF values at spatial frequencies (module docstring for the formula).
+
+    fx_invA, fy_invA : arrays broadcastable to each other, spatial frequency in 1/Angstrom (fx along columns,
+    fy along rows). Returns float64 of shape (n,) + broadcast shape, one plane per particle.
+    """
+    fx = np.asarray(fx_invA, dtype=np.float64)[None]
+    fy = np.asarray(fy_invA, dtype=np.float64)[None]
+    extra = (1,) * max(fx.ndim - 1, fy.ndim - 1)
+    par = {f.name: getattr(ctf, f.name).reshape((-1,) + extra) for f in fields(ctf)}
+    s2 = fx * fx + fy * fy
+    azimuth = np.arctan2(fy, fx)
+    mean = 0.5 * (par["defocus_u_A"] + par["defocus_v_A"])
+    half_diff = 0.5 * (par["defocus_u_A"] - par["defocus_v_A"])
+    df = mean + half_diff * np.cos(2.0 * (azimuth - np.deg2rad(par["astig_angle_deg"])))
+    lam = wavelength_A(par["voltage_kV"])
+    cs_A = par["cs_mm"] * 1e7
+    gamma = np.pi * lam * df * s2 - 0.5 * np.pi * cs_A * lam ** 3 * s2 * s2
+    q = par["amp_contrast"]
+    out = np.sqrt(1.0 - q * q) * np.sin(gamma) + q * np.cos(gamma)
+    return out * np.exp(-0.25 * par["bfactor_A2"] * s2)
+
+
+def ctf_grid(ctf: CTFParams, box: int, apix_A: float, *, half: bool = True) -> np.ndarray:
+    """CTF of every particle on the FFT grid of a box x box image.
+
+    Returns float64 (n, box, box // 2 + 1) for ``half=True`` (the layout of ``np.fft.rfft2``) or
+    (n, box, box) (``np.fft.fft2``); FFT order, origin at index 0, not centred.
+    """
+    fy = np.fft.fftfreq(box)[:, None] / apix_A
+    fx = (np.fft.rfftfreq(box) if half else np.fft.fftfreq(box))[None, :] / apix_A
+    return evaluate(ctf, fx, fy)
+
+
+# --------------------------------------------------------------------------------------------- EMAN2 / RELION
+def from_relion(defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm, amp_contrast,
+                bfactor_A2=0.0) -> CTFParams:
+    """RELION columns (rlnDefocusU/V in A, rlnDefocusAngle, rlnVoltage, rlnSphericalAberration,
+    rlnAmplitudeContrast as a fraction, rlnCtfBfactor) -> CTFParams. RELION's convention is ours."""
+    return CTFParams(defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm, amp_contrast, bfactor_A2)
+
+
+def to_relion(ctf: CTFParams) -> dict[str, np.ndarray]:
+    """CTFParams -> RELION per-particle columns keyed by their STAR names (optics values separately)."""
+    return {"rlnDefocusU": ctf.defocus_u_A, "rlnDefocusV": ctf.defocus_v_A,
+            "rlnDefocusAngle": ctf.astig_angle_deg, "rlnCtfBfactor": ctf.bfactor_A2}
+
+
+def from_eman2(defocus_um, dfdiff_um, dfang_deg, bfactor_A2, ampcont_percent, voltage_kV, cs_mm) -> CTFParams:
+    """EMAN2Ctf fields (mean defocus and U - V in micrometres, percent amplitude contrast) -> CTFParams."""
+    mean = np.asarray(defocus_um, dtype=np.float64) * 1e4
+    half = np.asarray(dfdiff_um, dtype=np.float64) * 0.5e4
+    return CTFParams(mean + half, mean - half, dfang_deg, voltage_kV, cs_mm,
+                     np.asarray(ampcont_percent, dtype=np.float64) / 100.0, bfactor_A2)
+
+
+def to_eman2(ctf: CTFParams) -> dict[str, np.ndarray]:
+    """CTFParams -> EMAN2Ctf fields: defocus and dfdiff in micrometres, dfang degrees, ampcont percent."""
+    return {"defocus": 0.5e-4 * (ctf.defocus_u_A + ctf.defocus_v_A), "dfdiff": 1e-4 * (ctf.defocus_u_A - ctf.defocus_v_A),
+            "dfang": ctf.astig_angle_deg, "bfactor": ctf.bfactor_A2, "ampcont": 100.0 * ctf.amp_contrast,
+            "voltage": ctf.voltage_kV, "cs": ctf.cs_mm}
+
+
+def eman2_ctf_string(ctf: CTFParams, index: int, apix_A: float) -> str:
+    """The EMAN2Ctf string of one particle, as ``EMAN2Ctf::to_string`` writes it (%1.10g scalars, empty
+    background and SNR arrays, dsbg 0)."""
+    e = to_eman2(ctf[index])
+    vals = [e["defocus"][0], e["dfdiff"][0], e["dfang"][0], e["bfactor"][0], e["ampcont"][0], e["voltage"][0],
+            e["cs"][0], apix_A, 0.0]
+    return "E" + ",".join(f"{v:1.10g}" for v in vals) + ",0,0"
+
+
+def parse_eman2_ctf_string(text: str) -> tuple[CTFParams, float]:
+    """Parse an EMAN2Ctf string (``E...``) or the old EMAN1 form (``O...``) -> (CTFParams of one particle, apix_A).
+
+    Raises ValueError naming the problem for anything else. The background and SNR arrays are read and dropped.
+    """
+    if not isinstance(text, str) or len(text) < 2 or text[0] not in "EO":
+        raise ValueError(f"unparsable ctf string {text!r}: expected EMAN2Ctf 'E...' or EMAN1 'O...'")
+    try:
+        if text[0] == "E":
+            parts = text[1:].split(",")
+            defocus, dfdiff, dfang, bfactor, ampcont, voltage, cs, apix, _dsbg = (float(p) for p in parts[:9])
+            nbg = int(parts[9])
+            nsnr = int(parts[10 + nbg])
+            if len(parts) != 11 + nbg + nsnr:
+                raise ValueError("array lengths do not match")
+            [float(p) for p in parts[10:10 + nbg] + parts[11 + nbg:]]
+        else:
+            parts = text[1:].replace(",", " ").split()
+            defocus, bfactor, _amplitude, ampcont, _n1, _n2, _n3, _n4, voltage, cs, apix = (float(p) for p in parts[:11])
+            # EMAN1 stores defocus as a negative number for underfocus and ampcont as a fraction.
+            defocus, dfdiff, dfang, ampcont = -defocus, 0.0, 0.0, 100.0 * ampcont
+    except (ValueError, IndexError) as exc:
+        raise ValueError(f"unparsable ctf string {text[:60]!r}: {exc}") from None
+    return from_eman2(defocus, dfdiff, dfang, bfactor, ampcont, voltage, cs), apix

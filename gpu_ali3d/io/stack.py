@@ -1,0 +1,115 @@
+"""The in-memory particle stack every format reads into and writes from, and lazy image sources.
+
+A :class:`ParticleStack` holds n square images (read lazily, in chunks), their poses in gpu-ali3d's convention
+(``geometry`` module: SPIDER ZYZ degrees, SPARX shift sign in pixels), their CTF parameters, the pixel size and,
+for each image, a reference to where it came from so that outputs can point back at the original data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from ..ctf import CTFParams
+from ..geometry import POSE_COLUMNS
+
+
+class ImageSource(Protocol):
+    """n square float32 images, read on demand.
+
+    ``len(src)`` is n, ``src.box`` the side in pixels; ``src.read(indices)`` returns float32 (k, box, box) for an
+    integer array of indices (numpy order: rows = y, columns = x) and raises ValueError naming the file and image
+    if an image is unreadable or holds NaN/inf.
+    """
+
+    box: int
+
+    def __len__(self) -> int: ...
+
+    def read(self, indices: np.ndarray) -> np.ndarray: ...
+
+
+class ArrayImages:
+    """Images already in memory: float32 array (n, box, box)."""
+
+    def __init__(self, images: np.ndarray, name: str = "<array>"):
+        images = np.asarray(images)
+        if images.ndim != 3 or images.shape[1] != images.shape[2]:
+            raise ValueError(f"{name}: images must be square, shape (n, box, box); got {images.shape}")
+        self._images = images.astype(np.float32, copy=False)
+        self.box = images.shape[1]
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        out = self._images[np.asarray(indices, dtype=np.int64)]
+        check_finite(out, self.name, indices)
+        return out
+
+
+@dataclass
+class ParticleStack:
+    """Particles with poses and CTFs.
+
+    images : ImageSource of n float32 (box, box) images (lazy).
+    poses : float64 (n, 5): phi, theta, psi (degrees, SPIDER ZYZ), sx, sy (pixels, SPARX sign); POSE_COLUMNS.
+    apix_A : pixel size in Angstrom (1.0 when the source does not say).
+    ctf : CTFParams of the n particles, or None when the source has none.
+    image_refs : for each image, where it lives, as ``"index@path"`` with a 1-based index (RELION's form) for
+        every format, MRC stacks and HDF files alike; path as the source gave it (relative to the metadata file).
+    meta : extra per-particle columns (arrays of length n) kept through conversions, e.g. ``rlnRandomSubset``.
+    """
+
+    images: ImageSource
+    poses: np.ndarray
+    apix_A: float = 1.0
+    ctf: CTFParams | None = None
+    image_refs: list[str] | None = None
+    meta: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.images)
+        self.poses = np.asarray(self.poses, dtype=np.float64)
+        if self.poses.shape != (n, 5):
+            raise ValueError(f"poses must have shape ({n}, 5) [{', '.join(POSE_COLUMNS)}], got {self.poses.shape}")
+        if not np.all(np.isfinite(self.poses)):
+            bad = int(np.nonzero(~np.all(np.isfinite(self.poses), axis=1))[0][0])
+            raise ValueError(f"pose of particle {bad} is not finite: {self.poses[bad].tolist()}")
+        if self.ctf is not None and len(self.ctf) != n:
+            raise ValueError(f"{len(self.ctf)} CTF entries for {n} images")
+        if self.image_refs is not None and len(self.image_refs) != n:
+            raise ValueError(f"{len(self.image_refs)} image references for {n} images")
+        if not (np.isfinite(self.apix_A) and self.apix_A > 0):
+            raise ValueError(f"pixel size must be positive, got {self.apix_A}")
+        for k, v in self.meta.items():
+            if len(v) != n:
+                raise ValueError(f"meta column {k!r} has {len(v)} values for {n} images")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def box(self) -> int:
+        return self.images.box
+
+    def read_images(self, indices: Sequence[int] | np.ndarray | slice | None = None) -> np.ndarray:
+        """float32 (k, box, box) images for the given indices (all when None)."""
+        idx = np.arange(len(self))[indices if indices is not None else slice(None)]
+        return self.images.read(np.atleast_1d(idx))
+
+    def iter_chunks(self, chunk: int = 1024):
+        """Yield (indices, float32 images) in chunks of at most ``chunk`` images: bounded memory for any n."""
+        for start in range(0, len(self), chunk):
+            idx = np.arange(start, min(start + chunk, len(self)))
+            yield idx, self.images.read(idx)
+
+
+def check_finite(images: np.ndarray, name: str, indices) -> None:
+    """Raise ValueError naming the file and the first image that holds NaN or inf."""
+    ok = np.isfinite(images).reshape(len(images), -1).all(axis=1)
+    if not ok.all():
+        i = int(np.asarray(indices).reshape(-1)[np.nonzero(~ok)[0][0]])
+        raise ValueError(f"{name}: image {i + 1} (1-based) contains NaN or inf pixels")
