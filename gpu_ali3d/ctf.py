@@ -140,35 +140,56 @@ def to_eman2(ctf: CTFParams) -> dict[str, np.ndarray]:
 
 
 def eman2_ctf_string(ctf: CTFParams, index: int, apix_A: float) -> str:
-    """The EMAN2Ctf string of one particle, as ``EMAN2Ctf::to_string`` writes it (%1.10g scalars, empty
-    background and SNR arrays, dsbg 0)."""
+    """The EMAN2Ctf string of one particle, exactly as ``EMAN2Ctf::to_string`` (libEM/ctf.cpp) lays it out.
+
+    ``E`` then defocus, dfdiff, dfang, bfactor, ampcont, voltage, cs, apix, dsbg as ``%1.10g`` separated by
+    single spaces, then `` <n>`` and n background values each as ``,%1.3g``, then `` <m>`` and m SNR values the
+    same way. We write dsbg 0 and empty arrays: ``E2.1 0.1 30 0 10 300 2.7 1.5 0 0 0``. EMAN2's
+    ``from_string`` reads it with ``sscanf("%c%f %f ...")``, so commas between the scalars would not parse.
+    """
     e = to_eman2(ctf[index])
     vals = [e["defocus"][0], e["dfdiff"][0], e["dfang"][0], e["bfactor"][0], e["ampcont"][0], e["voltage"][0],
             e["cs"][0], apix_A, 0.0]
-    return "E" + ",".join(f"{v:1.10g}" for v in vals) + ",0,0"
+    return "E" + " ".join(f"{v:1.10g}" for v in vals) + " 0 0"
 
 
 def parse_eman2_ctf_string(text: str) -> tuple[CTFParams, float]:
     """Parse an EMAN2Ctf string (``E...``) or the old EMAN1 form (``O...``) -> (CTFParams of one particle, apix_A).
 
-    Raises ValueError naming the problem for anything else. The background and SNR arrays are read and dropped.
+    EMAN2 (``EMAN2Ctf::from_string``): ``E`` + 9 whitespace-separated scalars (defocus um, dfdiff um, dfang deg,
+    bfactor A^2, ampcont %, voltage kV, cs mm, apix A, dsbg), then ``<n>,v1,...,vn`` (background) and
+    ``<m>,v1,...,vm`` (SNR); the SNR part may be missing, as EMAN2's reader allows. The arrays are read and
+    dropped.
+
+    EMAN1 (``EMAN1Ctf::to_string/from_string``): ``O`` + 11 space-separated numbers: defocus (um, *negative* for
+    underfocus), bfactor (EMAN1's B, envelope exp(-B s^2): EMAN2's B = 4 x this), amplitude, ampcont (a
+    fraction), noise1..noise4, voltage kV, cs mm, apix A. No astigmatism.
+
+    Raises ValueError naming the problem for anything else.
     """
     if not isinstance(text, str) or len(text) < 2 or text[0] not in "EO":
-        raise ValueError(f"unparsable ctf string {text!r}: expected EMAN2Ctf 'E...' or EMAN1 'O...'")
+        raise ValueError(f"unparsable ctf string {str(text)[:60]!r}: expected EMAN2Ctf 'E...' or EMAN1 'O...'")
     try:
         if text[0] == "E":
-            parts = text[1:].split(",")
-            defocus, dfdiff, dfang, bfactor, ampcont, voltage, cs, apix, _dsbg = (float(p) for p in parts[:9])
-            nbg = int(parts[9])
-            nsnr = int(parts[10 + nbg])
-            if len(parts) != 11 + nbg + nsnr:
-                raise ValueError("array lengths do not match")
-            [float(p) for p in parts[10:10 + nbg] + parts[11 + nbg:]]
+            tokens = text[1:].split()
+            if len(tokens) not in (10, 11):
+                raise ValueError(f"expected 9 space-separated numbers and 2 arrays 'n,v1,...', got {len(tokens)} "
+                                 "fields")
+            defocus, dfdiff, dfang, bfactor, ampcont, voltage, cs, apix, _dsbg = (float(t) for t in tokens[:9])
+            for name, token in zip(("background", "SNR"), tokens[9:]):
+                count, *values = token.split(",")
+                if int(count) != len(values):
+                    raise ValueError(f"{name} array says {count} values but holds {len(values)}")
+                [float(v) for v in values]
         else:
-            parts = text[1:].replace(",", " ").split()
-            defocus, bfactor, _amplitude, ampcont, _n1, _n2, _n3, _n4, voltage, cs, apix = (float(p) for p in parts[:11])
-            # EMAN1 stores defocus as a negative number for underfocus and ampcont as a fraction.
-            defocus, dfdiff, dfang, ampcont = -defocus, 0.0, 0.0, 100.0 * ampcont
+            tokens = text[1:].replace(",", " ").split()
+            if len(tokens) < 11:
+                raise ValueError(f"expected 11 numbers, got {len(tokens)}")
+            (defocus, bfactor, _amplitude, ampcont, _n1, _n2, _n3, _n4, voltage, cs,
+             apix) = (float(t) for t in tokens[:11])
+            # EMAN1 -> EMAN2 as EMAN1Ctf::from_string converts: defocus sign, B-factor convention, percent.
+            defocus, dfdiff, dfang, bfactor, ampcont = -defocus, 0.0, 0.0, 4.0 * bfactor, 100.0 * ampcont
+        params = from_eman2(defocus, dfdiff, dfang, bfactor, ampcont, voltage, cs)
     except (ValueError, IndexError) as exc:
         raise ValueError(f"unparsable ctf string {text[:60]!r}: {exc}") from None
-    return from_eman2(defocus, dfdiff, dfang, bfactor, ampcont, voltage, cs), apix
+    return params, apix

@@ -135,3 +135,140 @@ def spider_from_eman_transform(m: np.ndarray) -> np.ndarray:
             f"det = {det[bad[0]]:.3f}); scaled or mirrored Transforms are not supported")
     phi, theta, psi = euler_from_matrix(rot)
     return np.stack([phi, theta, psi, -m[:, 0, 3], -m[:, 1, 3]], axis=1)
+
+
+# ----------------------------------------------------------------------------------------------- distances
+def angular_distance(poses_a, poses_b) -> np.ndarray:
+    """Angle of the relative rotation ``R_a @ R_b.T`` for each pair of poses, degrees in [0, 180].
+
+    poses_a, poses_b : arrays (n, 5) or (5,) (only phi, theta, psi are read); a single pose broadcasts against n.
+    Returns float64 (n,). The angle is ``atan2(sin, cos)`` of the relative rotation, with ``sin`` from its
+    antisymmetric part and ``cos`` from its trace, so it keeps full precision at 0 and at 180 degrees.
+    No symmetry is applied; see :func:`gpu_ali3d.symmetry.angular_distance_sym`.
+    """
+    a, b = _pose_pair(poses_a, poses_b, "poses_a", "poses_b")
+    ra = rotation_matrix(a[:, 0], a[:, 1], a[:, 2])
+    rb = rotation_matrix(b[:, 0], b[:, 1], b[:, 2])
+    return _rotation_angle_deg(np.einsum("nij,nkj->nik", ra, rb))
+
+
+def shift_distance(poses_a, poses_b) -> np.ndarray:
+    """Euclidean distance between the in-plane shifts (sx, sy) of each pair of poses, pixels.
+
+    poses_a, poses_b : arrays (n, 5) or (5,); a single pose broadcasts against n. Returns float64 (n,).
+    """
+    a, b = _pose_pair(poses_a, poses_b, "poses_a", "poses_b", ncols=5)
+    return np.hypot(a[:, 3] - b[:, 3], a[:, 4] - b[:, 4])
+
+
+# ----------------------------------------------------------------------------------------------- cryoSPARC
+def spider_from_cryosparc(rotvec_rad, shift_px) -> np.ndarray:
+    """cryoSPARC ``alignments3D/pose`` and ``alignments3D/shift`` -> gpu-ali3d poses (n, 5).
+
+    rotvec_rad : array (n, 3), the rotation vector r (axis times angle, radians) of ``alignments3D/pose``.
+    shift_px : array (n, 2), ``alignments3D/shift`` in pixels of the particle box.
+
+    Convention. The matrix that cryoSPARC builds from r is the *transpose* of the standard (right-handed, active)
+    Rodrigues matrix ``A(r) = expm([r]_x)`` = ``scipy Rotation.from_rotvec(r).as_matrix()``; that matrix is the
+    RELION (= SPIDER) rotation matrix of the pose: ``R = A(r).T = A(-r)``. The shift is the same pair of numbers as
+    RELION's rlnOriginX/Y in pixels, i.e. our (sx, sy) with no sign change.
+    Sources: pyem (github asarnow/pyem), ``pyem/metadata/cryosparc2.py`` ``parse_cryosparc_2_cs`` and
+    ``cryosparc_2_cs_model_parameters``: ``alignments3D/shift`` goes unchanged into rlnOriginX/Y, and the pose
+    goes through ``pyem/geom/convert_numba.py`` ``expmap`` (the transposed Rodrigues matrix; contributed by
+    cryoSPARC's author, pyem PR #5) and ``rot2euler`` (RELION's ZYZ decomposition). cryoDRGN
+    (ml-struct-bio/cryodrgn) ``commands/parse_pose_csparc.py`` agrees independently: standard ``lie_tools.expmap``
+    followed by a transpose gives the same matrix as its RELION parser ``parse_pose_star`` (``utils.R_from_relion``),
+    and both take the shifts unchanged.
+    """
+    rotvec = np.asarray(rotvec_rad, dtype=np.float64)
+    shift = np.asarray(shift_px, dtype=np.float64)
+    if rotvec.ndim != 2 or rotvec.shape[1] != 3:
+        raise ValueError(f"rotvec_rad has shape {rotvec.shape}; expected (n, 3) rotation vectors in radians")
+    if shift.shape != (len(rotvec), 2):
+        raise ValueError(f"shift_px has shape {shift.shape}; expected ({len(rotvec)}, 2) to match rotvec_rad")
+    r = np.swapaxes(_rodrigues(rotvec), -1, -2)
+    phi, theta, psi = euler_from_matrix(r)
+    return np.stack([phi, theta, psi, shift[:, 0], shift[:, 1]], axis=1)
+
+
+def cryosparc_from_spider(poses) -> tuple[np.ndarray, np.ndarray]:
+    """gpu-ali3d poses (n, 5) -> (rotvec_rad (n, 3), shift_px (n, 2)) for cryoSPARC ``alignments3D/pose``/``shift``.
+
+    The inverse of :func:`spider_from_cryosparc` (convention and sources there): r is the rotation vector of
+    ``R.T``, with angle |r| in [0, pi]; the shift is (sx, sy) unchanged.
+    """
+    p = _as_poses(poses, "poses", ncols=5)
+    r = rotation_matrix(p[:, 0], p[:, 1], p[:, 2])
+    return _rotvec_from_matrix(np.swapaxes(r, -1, -2)), p[:, 3:5].copy()
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _as_poses(poses, name: str, ncols: int = 3) -> np.ndarray:
+    """Pose array -> float64 (n, c) with c >= ncols; a single pose (c,) becomes (1, c)."""
+    p = np.asarray(poses, dtype=np.float64)
+    if p.ndim == 1:
+        p = p[None, :]
+    if p.ndim != 2 or p.shape[1] < ncols:
+        raise ValueError(f"{name} has shape {np.shape(poses)}; expected (n, 5) poses [phi, theta, psi, sx, sy]")
+    return p
+
+
+def _pose_pair(poses_a, poses_b, name_a: str, name_b: str, ncols: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Two pose arrays broadcast to a common length n (a length-1 array broadcasts)."""
+    a, b = _as_poses(poses_a, name_a, ncols), _as_poses(poses_b, name_b, ncols)
+    if len(a) != len(b) and 1 not in (len(a), len(b)):
+        raise ValueError(f"{name_a} has {len(a)} poses and {name_b} has {len(b)}; give the same number, or one pose")
+    n = max(len(a), len(b))
+    return np.broadcast_to(a, (n, a.shape[1])), np.broadcast_to(b, (n, b.shape[1]))
+
+
+def _rotation_angle_deg(m: np.ndarray) -> np.ndarray:
+    """Rotation angle (degrees, [0, 180]) of rotation matrices (..., 3, 3), accurate at 0 and 180."""
+    vee = np.stack([m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]], axis=-1)
+    sin = 0.5 * np.linalg.norm(vee, axis=-1)
+    cos = 0.5 * (np.trace(m, axis1=-2, axis2=-1) - 1.0)
+    return np.rad2deg(np.arctan2(sin, cos))
+
+
+def _rodrigues(rotvec: np.ndarray) -> np.ndarray:
+    """Rotation vectors (n, 3) -> the standard (active, right-handed) rotation matrices exp([r]_x), (n, 3, 3)."""
+    angle = np.linalg.norm(rotvec, axis=-1)
+    a = np.sinc(angle / np.pi)                       # sin(t)/t, exact at t = 0
+    b = 0.5 * np.sinc(angle / (2.0 * np.pi)) ** 2    # (1 - cos t)/t^2
+    x, y, z = rotvec[:, 0], rotvec[:, 1], rotvec[:, 2]
+    zero = np.zeros_like(x)
+    k = np.stack([np.stack([zero, -z, y], -1), np.stack([z, zero, -x], -1), np.stack([-y, x, zero], -1)], axis=-2)
+    return np.eye(3) + a[:, None, None] * k + b[:, None, None] * (k @ k)
+
+
+def _rotvec_from_matrix(m: np.ndarray) -> np.ndarray:
+    """Standard (active) rotation matrices (n, 3, 3) -> rotation vectors (n, 3) with angle in [0, pi].
+
+    Through the unit quaternion (Shepperd's choice of the largest component), so it stays accurate near 0 and pi.
+    """
+    tr = np.trace(m, axis1=-2, axis2=-1)
+    d0, d1, d2 = m[:, 0, 0], m[:, 1, 1], m[:, 2, 2]
+    # 4 * (w^2, x^2, y^2, z^2); pick the largest to divide by
+    cand = np.stack([1.0 + tr, 1.0 + 2 * d0 - tr, 1.0 + 2 * d1 - tr, 1.0 + 2 * d2 - tr], axis=-1)
+    pick = np.argmax(cand, axis=-1)
+    big = 0.5 * np.sqrt(np.take_along_axis(cand, pick[:, None], axis=-1)[:, 0])   # the largest |component|
+    s = 0.25 / big
+    a21, a12 = m[:, 2, 1], m[:, 1, 2]
+    a02, a20 = m[:, 0, 2], m[:, 2, 0]
+    a10, a01 = m[:, 1, 0], m[:, 0, 1]
+    q = np.empty((len(m), 4))                       # (w, x, y, z)
+    rows = [
+        (big, (a21 - a12) * s, (a02 - a20) * s, (a10 - a01) * s),
+        ((a21 - a12) * s, big, (a10 + a01) * s, (a02 + a20) * s),
+        ((a02 - a20) * s, (a10 + a01) * s, big, (a21 + a12) * s),
+        ((a10 - a01) * s, (a02 + a20) * s, (a21 + a12) * s, big),
+    ]
+    for i, row in enumerate(rows):
+        sel = pick == i
+        for j in range(4):
+            q[sel, j] = row[j][sel]
+    q[q[:, 0] < 0] *= -1.0                          # w >= 0: angle in [0, pi]
+    vnorm = np.linalg.norm(q[:, 1:], axis=-1)
+    angle = 2.0 * np.arctan2(vnorm, q[:, 0])
+    scale = np.where(vnorm > 0, angle / np.where(vnorm > 0, vnorm, 1.0), 2.0 / q[:, 0])
+    return q[:, 1:] * scale[:, None]

@@ -1,0 +1,237 @@
+"""The ``gpu-ali3d`` command: refine | simulate | convert | info.
+
+Each subcommand parses, validates, calls the library and returns an exit code. User errors (bad values, unreadable
+or malformed files, existing outputs) print one line ``gpu-ali3d: error: ...`` and exit with status 2; ``--debug``
+shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .options import DEVICES, RefineOptions
+
+USER_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, IsADirectoryError, PermissionError,
+               NotImplementedError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except USER_ERRORS as exc:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"gpu-ali3d: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gpu-ali3d: interrupted", file=sys.stderr)
+        return 130
+
+
+# ------------------------------------------------------------------------------------------------ subcommands
+def _cmd_refine(args: argparse.Namespace) -> int:
+    from .io.formats import read_stack, read_volume
+
+    opts = RefineOptions(**{name: getattr(args, name) for name in RefineOptions.field_names()})
+    outdir = Path(args.outdir)
+    if outdir.exists():
+        raise FileExistsError(f"{outdir}: output directory already exists (SPARX refuses it too); "
+                              "choose a new name")
+    stack = read_stack(args.stack)
+    ou = opts.outer_radius(stack.box)
+    if opts.CTF and stack.ctf is None:
+        raise ValueError(f"{args.stack}: --CTF given but the stack has no CTF parameters")
+    if args.maskfile is not None:
+        mask, _ = read_volume(args.maskfile)
+        if mask.shape != (stack.box,) * 3:
+            raise ValueError(f"{args.maskfile}: mask of shape {mask.shape} does not fit the {stack.box}-pixel box")
+    raise NotImplementedError(
+        f"refine: the input ({len(stack)} particles, box {stack.box}, ou {ou}) and options are valid, but the "
+        "refinement engine is not in this version yet")
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from .io.atomic import refuse_existing
+    from .io.formats import read_stack, read_volume, stack_format, write_stack
+    from .simulate import phantom, simulate
+
+    if len(args.paths) > 2:
+        raise ValueError("simulate takes at most two paths: [MAP] OUT")
+    map_path, out = (args.paths if len(args.paths) == 2 else (None, args.paths[0]))
+    out = Path(out)
+    fmt = stack_format(out)
+    if fmt not in ("hdf", "star"):
+        raise ValueError(f"{out}: simulate writes a .hdf (EMAN2) or .star (RELION) stack")
+    truth_path = out.with_name(f"{out.stem}_truth{out.suffix}")
+    for p in (out, truth_path, out.with_suffix(".mrcs")):
+        refuse_existing(p)
+    if args.n < 1:
+        raise ValueError(f"--n {args.n}: need at least one particle")
+    if map_path is None:
+        if args.box < 16:
+            raise ValueError(f"--box {args.box}: use at least 16 pixels")
+        volume, apix = phantom(args.box), args.apix or 4.0
+    else:
+        volume, header_apix = read_volume(map_path)
+        if len(set(volume.shape)) != 1:
+            raise ValueError(f"{map_path}: the map must be cubic, got shape {volume.shape}")
+        apix = args.apix or header_apix or 4.0
+    if not apix > 0:
+        raise ValueError(f"--apix {apix}: the pixel size must be positive (Angstrom)")
+    rng = np.random.default_rng(args.seed)
+    stack, truth = simulate(volume, args.n, apix_A=apix, snr=args.snr, angle_error_deg=args.angle_error,
+                            shift_error_px=args.shift_error, ctf=args.ctf, rng=rng)
+    write_stack(stack, out)
+    try:
+        written = read_stack(out)
+        written.poses = truth
+        write_stack(written, truth_path)
+    except BaseException:
+        for p in (out, out.with_suffix(".mrcs")):
+            p.unlink(missing_ok=True)
+        raise
+    print(f"wrote {len(stack)} particles ({stack.box} px, {apix:g} A/px, SNR {args.snr:g}, CTF {'on' if args.ctf else 'off'})"
+          f" to {out} (starting poses: {args.angle_error:g} deg / {args.shift_error:g} px off) and the true poses"
+          f" to {truth_path}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .io.formats import read_stack, write_stack
+
+    src, dst = Path(args.input), Path(args.output)
+    if src.resolve() == dst.resolve():
+        raise ValueError(f"{dst}: output and input are the same file")
+    stack = read_stack(src)
+    write_stack(stack, dst, overwrite=False)
+    print(f"converted {len(stack)} particles: {src} -> {dst}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .io.formats import read_stack, stack_format
+
+    stack = read_stack(args.stack)
+    print(describe_stack(stack, args.stack, stack_format(args.stack)))
+    if args.check:
+        from tqdm import tqdm
+        for _ in tqdm(stack.iter_chunks(1024), total=-(-len(stack) // 1024), desc="checking images", unit="chunk"):
+            pass
+        print("all images readable and finite")
+    return 0
+
+
+def describe_stack(stack, path, fmt: str) -> str:
+    """Human-readable summary of a particle stack (counts, box, pixel size, pose and CTF statistics)."""
+    n, box = len(stack), stack.box
+    p = stack.poses
+    shift = np.hypot(p[:, 3], p[:, 4])
+    lines = [
+        f"{path}: {fmt} stack, {n} particles, {box} x {box} pixels, {stack.apix_A:g} A/pixel",
+        f"  images: {n * box * box * 4 / 2**20:.1f} MiB as float32"
+        + (f", in {len({r.split('@', 1)[1] for r in stack.image_refs})} file(s)" if stack.image_refs else ""),
+        f"  phi   {p[:, 0].min():8.2f} .. {p[:, 0].max():8.2f} deg",
+        f"  theta {p[:, 1].min():8.2f} .. {p[:, 1].max():8.2f} deg",
+        f"  psi   {p[:, 2].min():8.2f} .. {p[:, 2].max():8.2f} deg",
+        f"  shift |s| mean {shift.mean():.3f}, max {shift.max():.3f} px (sx {p[:, 3].mean():+.3f}, sy {p[:, 4].mean():+.3f} mean)",
+    ]
+    if stack.ctf is None:
+        lines.append("  CTF: none")
+    else:
+        c = stack.ctf
+        df = 0.5 * (c.defocus_u_A + c.defocus_v_A)
+        lines.append(f"  CTF: defocus {df.min() / 1e4:.3f} .. {df.max() / 1e4:.3f} um, astigmatism max "
+                     f"{np.abs(c.defocus_u_A - c.defocus_v_A).max():.0f} A, {c.voltage_kV[0]:g} kV, Cs {c.cs_mm[0]:g} mm, "
+                     f"amplitude contrast {c.amp_contrast[0]:g}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ the parser
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpu-ali3d", description="GPU local refinement of cryo-EM particle poses "
+                                     "(SPARX sxlocal_ali3d).")
+    parser.add_argument("--version", action="version", version=f"gpu-ali3d {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = RefineOptions
+    r = sub.add_parser("refine", help="local refinement of particle poses", formatter_class=_Formatter,
+                       description="Refine each particle's pose (phi, theta, psi, sx, sy) locally against "
+                       "projections of a map rebuilt from the data each iteration.")
+    r.add_argument("stack", help="particles with approximate poses: .hdf (EMAN2), .star (RELION), .cs (cryoSPARC)")
+    r.add_argument("outdir", help="output directory (must not exist)")
+    r.add_argument("maskfile", nargs="?", default=None, help="3-D mask (.hdf/.mrc); default a sphere of radius ou")
+    r.add_argument("--ou", type=int, default=d.ou, help="outer radius of the masks in pixels (-1: box//2 - 2)")
+    r.add_argument("--delta", type=float, default=d.delta, help="angular bracket, degrees")
+    r.add_argument("--ts", type=float, default=d.ts, help="shift bracket, pixels")
+    r.add_argument("--maxit", type=int, default=d.maxit, help="iterations")
+    r.add_argument("--chunk", type=float, default=d.chunk, help="fraction of the data after which the map is rebuilt")
+    r.add_argument("--center", type=int, default=d.center, choices=(-1, 0, 1),
+                   help="-1 centre the data, 1 centre the reference, 0 none")
+    r.add_argument("--CTF", action="store_true", default=d.CTF, help="use the CTF parameters of the particles")
+    r.add_argument("--snr", type=float, default=d.snr, help="SNR of the reconstruction")
+    r.add_argument("--sym", default=d.sym, help="point group: c1, cN, dN, tet, oct, icos")
+    r.add_argument("--function", default=d.function, help="reference preparation: ref_ali3d or module:callable")
+    r.add_argument("--npad", type=int, default=d.npad, help="padding factor of the reconstruction")
+    r.add_argument("--Fourvar", "--fourvar", dest="fourvar", action="store_true", default=d.fourvar,
+                   help="Fourier variance normalisation (SPARX compatibility)")
+    r.add_argument("--debug", action="store_true", default=d.debug, help="per-image details; tracebacks on errors")
+    r.add_argument("--MPI", action="store_true", default=d.MPI, help="accepted for SPARX compatibility")
+    r.add_argument("--device", default=d.device, choices=DEVICES, help="where to compute")
+    r.add_argument("--seed", type=int, default=d.seed, help="random seed (half sets), for reproducible runs")
+    r.add_argument("--write-headers", dest="write_headers", action="store_true", default=d.write_headers,
+                   help="after a successful run, write the refined poses into the input (atomically)")
+    r.set_defaults(run=_cmd_refine)
+
+    s = sub.add_parser("simulate", help="simulated particles with known poses", formatter_class=_Formatter,
+                       description="Project a map (or a built-in phantom when no map is given) at random "
+                       "orientations with CTF and white noise; write the stack with perturbed starting poses to OUT "
+                       "and the true poses to OUT_truth (same format).")
+    s.add_argument("paths", nargs="+", metavar="[MAP] OUT", help="optional map (.mrc/.hdf), then OUT.hdf or OUT.star")
+    s.add_argument("--n", type=int, default=200, help="number of particles")
+    s.add_argument("--snr", type=float, default=0.1, help="signal variance / noise variance (inf: no noise)")
+    s.add_argument("--angle-error", type=float, default=4.0, help="rotation of each starting pose, degrees")
+    s.add_argument("--shift-error", type=float, default=1.5, help="offset of each starting shift, pixels")
+    s.add_argument("--ctf", action="store_true", help="apply a CTF (defocus 1-3 um, 300 kV)")
+    s.add_argument("--apix", type=float, default=None, help="pixel size in Angstrom (default: the map's, or 4.0)")
+    s.add_argument("--box", type=int, default=64, help="box size of the built-in phantom")
+    s.add_argument("--seed", type=int, default=0, help="random seed")
+    s.add_argument("--debug", action="store_true", help="tracebacks on errors")
+    s.set_defaults(run=_cmd_simulate)
+
+    c = sub.add_parser("convert", help="convert a particle stack between formats", formatter_class=_Formatter,
+                       description="Convert between EMAN2 HDF, RELION STAR (3.0/3.1) and cryoSPARC .cs, keeping "
+                       "poses and CTF. The format follows the file suffix.")
+    c.add_argument("input")
+    c.add_argument("output")
+    c.add_argument("--debug", action="store_true", help="tracebacks on errors")
+    c.set_defaults(run=_cmd_convert)
+
+    i = sub.add_parser("info", help="describe a particle stack", formatter_class=_Formatter)
+    i.add_argument("stack")
+    i.add_argument("--check", action="store_true", help="read every image and check it is finite")
+    i.add_argument("--debug", action="store_true", help="tracebacks on errors")
+    i.set_defaults(run=_cmd_info)
+    return parser
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

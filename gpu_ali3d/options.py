@@ -1,0 +1,112 @@
+"""RefineOptions: every parameter of the refinement with its default, validated with clear errors.
+
+Names and meanings are SPARX ``sxlocal_ali3d``'s (spec/local_ali3d.md); defaults are those of its current command
+line (``--ts 2``, ``--center 0``, changed there in 2015 from 0.25 and -1). Defaults live here only: the CLI reads
+them from this class so ``--help`` shows them.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+DEVICES = ("auto", "cpu", "gpu")
+_FUNCTION_RE = re.compile(r"^[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?$")
+
+
+@dataclass(frozen=True)
+class RefineOptions:
+    """Options of ``gpu-ali3d refine`` / ``local_ali3d`` (SPARX names).
+
+    ou : outer radius of the circular masks in pixels; -1 means box // 2 - 2.
+    delta : angular bracket in degrees (initial simplex step of the angles).
+    ts : shift bracket in pixels (initial simplex step of the shifts).
+    maxit : iterations; the loop runs maxit + 1 times, the last one only reconstructs.
+    chunk : fraction of the data after which the 3-D map is rebuilt, 0 < chunk <= 1.
+    center : -1 centre the data by the average 3-D centre, 1 centre the reference, 0 none.
+    CTF : use the particles' CTF parameters.
+    snr : signal-to-noise ratio of the Wiener-like reconstruction, > 0.
+    sym : point group: c1, cN, dN, tet, oct, icos.
+    function : user function preparing the reference: "ref_ali3d" or "module:callable".
+    npad : padding factor of the reconstruction.
+    fourvar : divide the reference by its 3-D Fourier variance (accepted; SPARX's default function ignores it).
+    debug : write per-image old/new parameters and criteria; tracebacks on errors.
+    MPI : accepted for SPARX compatibility; the run is parallel whenever started under mpirun.
+    device : "auto" (GPU when one is usable, else CPU), "cpu" or "gpu".
+    seed : seed of the random generator (half-set assignment, ties), for reproducible runs.
+    write_headers : after a successful run, write the refined poses into the input's headers (atomically).
+    """
+
+    ou: int = -1
+    delta: float = 2.0
+    ts: float = 2.0
+    maxit: int = 10
+    chunk: float = 1.0
+    center: int = 0
+    CTF: bool = False
+    snr: float = 1.0
+    sym: str = "c1"
+    function: str = "ref_ali3d"
+    npad: int = 2
+    fourvar: bool = False
+    debug: bool = False
+    MPI: bool = False
+    device: str = "auto"
+    seed: int = 0
+    write_headers: bool = False
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_int("ou", self.ou)
+        if self.ou != -1 and self.ou < 1:
+            raise ValueError(f"--ou {self.ou}: the outer radius must be -1 (box // 2 - 2) or a positive number of pixels")
+        if not self.delta > 0:
+            raise ValueError(f"--delta {self.delta}: the angular bracket must be positive (degrees), e.g. --delta 2")
+        if self.delta > 90:
+            raise ValueError(f"--delta {self.delta}: local refinement needs a bracket <= 90 degrees")
+        if not self.ts >= 0:
+            raise ValueError(f"--ts {self.ts}: the shift bracket must be >= 0 pixels")
+        _check_int("maxit", self.maxit)
+        if self.maxit < 0:
+            raise ValueError(f"--maxit {self.maxit}: the number of iterations must be >= 0")
+        if not 0 < self.chunk <= 1:
+            raise ValueError(f"--chunk {self.chunk}: must be a fraction of the data, 0 < chunk <= 1")
+        if self.center not in (-1, 0, 1):
+            raise ValueError(f"--center {self.center}: must be -1 (centre the data), 0 (none) or 1 (centre the reference)")
+        if not self.snr > 0:
+            raise ValueError(f"--snr {self.snr}: must be positive")
+        from .symmetry import parse_sym
+        parse_sym(self.sym)
+        if not (_FUNCTION_RE.match(self.function) or _is_file_function(self.function)):
+            raise ValueError(f"--function {self.function!r}: expected 'ref_ali3d', 'module:callable' (a module on "
+                             "sys.path) or 'file.py:callable'")
+        _check_int("npad", self.npad)
+        if self.npad < 1:
+            raise ValueError(f"--npad {self.npad}: the padding factor must be >= 1 (SPARX uses 2 or 4)")
+        if self.device not in DEVICES:
+            raise ValueError(f"--device {self.device!r}: expected one of {', '.join(DEVICES)}")
+        _check_int("seed", self.seed)
+
+    def outer_radius(self, box: int) -> int:
+        """The mask radius in pixels for a box, validated: ou, or box // 2 - 2 when ou is -1."""
+        ou = box // 2 - 2 if self.ou == -1 else self.ou
+        if ou > box // 2 - 1:
+            raise ValueError(f"--ou {self.ou} is larger than a {box}-pixel box allows; use --ou <= {box // 2 - 1}")
+        if ou < 1:
+            raise ValueError(f"a {box}-pixel box is too small for refinement (outer radius {ou})")
+        return ou
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name != "extra"]
+
+
+def _check_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+
+
+def _is_file_function(text: str) -> bool:
+    """'path/to/file.py:name' is also accepted for --function."""
+    path, _, name = text.rpartition(":")
+    return path.endswith(".py") and bool(re.match(r"^[A-Za-z_]\w*$", name)) and bool(Path(path).name)

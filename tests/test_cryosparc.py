@@ -1,0 +1,145 @@
+"""cryoSPARC .cs files: built from the RELION simulation's poses, read back and compared with the STAR reading."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+
+from gpu_ali3d.geometry import angular_distance, cryosparc_from_spider, rotation_matrix
+from gpu_ali3d.io.cryosparc import read_cs, write_cs
+from gpu_ali3d.io.stack import ArrayImages, ParticleStack
+from gpu_ali3d.io.star import read_star
+
+
+@pytest.fixture
+def clean(shared_data) -> Path:
+    return shared_data / "relion_sim" / "clean"
+
+
+def make_cs(stack: ParticleStack, blob_path: str, *, alignments: bool = True) -> np.ndarray:
+    """A particle .cs array as cryoSPARC writes it (its field names and float32/uint32 types)."""
+    n = len(stack)
+    fields = [("uid", "<u8"), ("blob/path", "S200"), ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)),
+              ("blob/psize_A", "<f4"), ("blob/sign", "<f4"),
+              ("ctf/type", "S1"), ("ctf/accel_kv", "<f4"), ("ctf/cs_mm", "<f4"), ("ctf/amp_contrast", "<f4"),
+              ("ctf/df1_A", "<f4"), ("ctf/df2_A", "<f4"), ("ctf/df_angle_rad", "<f4"), ("ctf/phase_shift_rad", "<f4")]
+    if alignments:
+        fields += [("alignments3D/split", "<u4"), ("alignments3D/pose", "<f4", (3,)),
+                   ("alignments3D/shift", "<f4", (2,)), ("alignments3D/psize_A", "<f4")]
+    cs = np.zeros(n, dtype=fields)
+    cs["uid"] = np.arange(n, dtype=np.uint64) * 7919 + 12345
+    cs["blob/path"] = blob_path.encode()
+    cs["blob/idx"] = np.arange(n)
+    cs["blob/shape"] = stack.box
+    cs["blob/psize_A"] = stack.apix_A
+    cs["blob/sign"] = -1.0
+    c = stack.ctf
+    cs["ctf/accel_kv"], cs["ctf/cs_mm"], cs["ctf/amp_contrast"] = c.voltage_kV, c.cs_mm, c.amp_contrast
+    cs["ctf/df1_A"], cs["ctf/df2_A"] = c.defocus_u_A, c.defocus_v_A
+    cs["ctf/df_angle_rad"] = np.deg2rad(c.astig_angle_deg)
+    if alignments:
+        cs["alignments3D/split"] = stack.meta["rlnRandomSubset"] - 1
+        cs["alignments3D/pose"], cs["alignments3D/shift"] = cryosparc_from_spider(stack.poses)
+        cs["alignments3D/psize_A"] = stack.apix_A
+    return cs
+
+
+def save_cs(path: Path, cs: np.ndarray) -> Path:
+    with open(path, "wb") as fh:  # cryoSPARC's .cs is np.save output under another name
+        np.save(fh, cs)
+    return path
+
+
+def assert_same_particles(cs_stack: ParticleStack, star_stack: ParticleStack):
+    assert len(cs_stack) == len(star_stack) and cs_stack.box == star_stack.box
+    assert cs_stack.apix_A == star_stack.apix_A
+    # float32 rotation vectors: rounding of about 1e-7 rad (6e-6 degrees)
+    assert angular_distance(cs_stack.poses, star_stack.poses).max() < 1e-4
+    # and the same rotation matrices, not just the same angle between them
+    ra = rotation_matrix(*cs_stack.poses[:, :3].T)
+    rb = rotation_matrix(*star_stack.poses[:, :3].T)
+    np.testing.assert_allclose(ra, rb, atol=2e-6)
+    np.testing.assert_allclose(cs_stack.poses[:, 3:], star_stack.poses[:, 3:], atol=1e-5)  # float32 pixels
+    # float32 storage: relative 6e-8 on defocus, 6e-8 rad (4e-6 degrees) on the astigmatism angle
+    assert cs_stack.ctf.allclose(star_stack.ctf, rtol=1e-6, atol=1e-4)
+    np.testing.assert_array_equal(cs_stack.meta["rlnRandomSubset"], star_stack.meta["rlnRandomSubset"])
+    idx = np.array([0, 99, 199])
+    np.testing.assert_array_equal(cs_stack.read_images(idx), star_stack.read_images(idx))
+
+
+@pytest.mark.parametrize("name", ["sim.star", "start.star"])  # true poses; perturbed poses with real shifts
+def test_cs_matches_star(clean, tmp_path, name):
+    star = read_star(clean / name)
+    job = tmp_path / "J7"
+    job.mkdir()
+    rel = os.path.relpath(clean / "sim.mrcs", job)
+    cs_path = save_cs(job / "particles.cs", make_cs(star, ">" + rel))
+    stack = read_cs(cs_path)
+    assert_same_particles(stack, star)
+    assert stack.image_refs[0] == f"000001@{rel}"
+    assert stack.meta["uid"][1] == 12345 + 7919
+    np.testing.assert_array_equal(stack.read_images(), mrcfile.read(clean / "sim.mrcs"))
+
+
+def test_project_relative_paths(clean, tmp_path):
+    """blob/path relative to the project directory (cryoSPARC's layout): found from <project>/J<n>/x.cs or via
+    project_dir."""
+    star = read_star(clean / "sim.star")
+    (tmp_path / "J2" / "extract").mkdir(parents=True)
+    shutil.copyfile(clean / "sim.mrcs", tmp_path / "J2" / "extract" / "sim.mrcs")
+    (tmp_path / "J9").mkdir()
+    cs = make_cs(star, ">J2/extract/sim.mrcs")
+    assert_same_particles(read_cs(save_cs(tmp_path / "J9" / "p.cs", cs)), star)
+    elsewhere = tmp_path / "exports" / "groups"  # two levels down: not found without project_dir
+    elsewhere.mkdir(parents=True)
+    save_cs(elsewhere / "p.cs", cs)
+    with pytest.raises(FileNotFoundError, match=r"p\.cs: image stack J2/extract/sim\.mrcs not found.*project_dir"):
+        read_cs(elsewhere / "p.cs")
+    assert_same_particles(read_cs(elsewhere / "p.cs", project_dir=tmp_path), star)
+
+
+def test_write_cs_round_trip(clean, tmp_path):
+    star = read_star(clean / "start.star")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    path = write_cs(star, out_dir / "refined.cs")
+    assert sorted(p.name for p in out_dir.iterdir()) == ["refined.cs"]  # images referenced, not copied
+    cs = np.load(path)
+    assert not os.path.isabs(cs["blob/path"][0].decode())
+    assert_same_particles(read_cs(path), star)
+    with pytest.raises(FileExistsError, match=r"refined\.cs"):
+        write_cs(star, path)
+
+    mem = ParticleStack(images=ArrayImages(star.read_images()), poses=star.poses, apix_A=4.0, ctf=star.ctf,
+                        meta={"rlnRandomSubset": star.meta["rlnRandomSubset"]})
+    path = write_cs(mem, out_dir / "mem.cs")
+    assert sorted(p.name for p in out_dir.iterdir()) == ["mem.cs", "mem.mrcs", "refined.cs"]
+    assert_same_particles(read_cs(path), star)
+
+
+def test_missing_alignments(clean, tmp_path):
+    star = read_star(clean / "sim.star")
+    path = save_cs(tmp_path / "extracted.cs", make_cs(star, os.path.relpath(clean / "sim.mrcs", tmp_path),
+                                                      alignments=False))
+    with pytest.raises(ValueError, match=r"extracted\.cs: no alignments3D/pose, alignments3D/shift .*poses"):
+        read_cs(path)
+
+
+def test_bad_inputs(clean, tmp_path):
+    junk = tmp_path / "junk.cs"
+    junk.write_bytes(b"not numpy at all")
+    with pytest.raises(ValueError, match=r"junk\.cs: not a cryoSPARC \.cs file"):
+        read_cs(junk)
+    star = read_star(clean / "sim.star")
+    cs = make_cs(star, os.path.relpath(clean / "sim.mrcs", tmp_path))
+    cs["blob/idx"][5] = 200
+    with pytest.raises(ValueError, match=r"past\.cs: image 201@.*sim\.mrcs is past the end .*\(200 images\)"):
+        read_cs(save_cs(tmp_path / "past.cs", cs))
+    cs["blob/idx"][5] = 5
+    cs["ctf/phase_shift_rad"] = 0.5
+    with pytest.raises(ValueError, match=r"phase\.cs: .*phase-plate"):
+        read_cs(save_cs(tmp_path / "phase.cs", cs))
