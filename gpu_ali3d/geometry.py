@@ -59,9 +59,9 @@ def euler_from_matrix(r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     psi in [0, 360). At theta = 0 or 180 (gimbal lock) phi is 0 and the in-plane angle goes to psi.
     """
     r = np.asarray(r, dtype=np.float64)
-    r22 = np.clip(r[..., 2, 2], -1.0, 1.0)
-    theta = np.arccos(r22)
+    r22 = r[..., 2, 2]
     sin_theta = np.hypot(r[..., 2, 0], r[..., 2, 1])
+    theta = np.arctan2(sin_theta, r22)  # not arccos(r22): that loses precision near 0 and 180 degrees
     regular = sin_theta > _GIMBAL_EPS
     phi = np.where(regular, np.arctan2(r[..., 2, 1], r[..., 2, 0]), 0.0)
     psi_regular = np.arctan2(r[..., 1, 2], -r[..., 0, 2])

@@ -383,6 +383,19 @@ def test_missing_xform_projection_names_the_image(tmp_path):
         read_hdf_stack(path)
 
 
+def test_scaled_or_non_transform_xform_projection(tmp_path):
+    path = tmp_path / "scaled.hdf"
+    _eman2_file(path, [np.zeros((4, 4), np.float32)] * 2, xforms=[_pose(), 2.0 * _pose(1)])
+    with pytest.raises(ValueError, match=re.escape(f"{path}: xform.projection of image 1 is not a pure rotation")):
+        read_hdf_stack(path)
+    path = tmp_path / "floats.hdf"
+    _eman2_file(path, [np.zeros((4, 4), np.float32)], xforms=[None],
+                extra=[{"EMAN.xform.projection": (1.0, np.float32)}])
+    with pytest.raises(ValueError, match=re.escape(f"{path}: image 0 (/MDF/images/0): EMAN.xform.projection is "
+                                                   "not an EMAN2 Transform")):
+        read_hdf_stack(path)
+
+
 def test_unparsable_ctf_names_the_image(tmp_path):
     path = tmp_path / "badctf.hdf"
     _eman2_file(path, [np.zeros((4, 4), np.float32)] * 2, xforms=[_pose(), _pose(1)],

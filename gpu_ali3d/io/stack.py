@@ -109,6 +109,8 @@ class ParticleStack:
 
 def check_finite(images: np.ndarray, name: str, indices) -> None:
     """Raise ValueError naming the file and the first image that holds NaN or inf."""
+    if images.size == 0:
+        return
     ok = np.isfinite(images).reshape(len(images), -1).all(axis=1)
     if not ok.all():
         i = int(np.asarray(indices).reshape(-1)[np.nonzero(~ok)[0][0]])
