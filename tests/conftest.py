@@ -27,3 +27,21 @@ def test_data() -> Path:
 def rng():
     import numpy as np
     return np.random.default_rng(1234)
+
+
+def _gpu_available() -> bool:
+    """True when cupy imports and sees at least one CUDA device (never on the project's CPU-only machines)."""
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped, with the reason, where no CUDA device is usable; their CPU twins run."""
+    if any("gpu" in item.keywords for item in items) and not _gpu_available():
+        skip = pytest.mark.skip(reason="needs cupy and a CUDA device (the CPU twin of this test runs)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
