@@ -1,0 +1,430 @@
+"""Direct Fourier inversion by nearest-neighbour insertion of central sections (SPARX nn4 / nn4_ctf), with symmetry.
+
+This is the float64 numpy reference; the fast insertion kernel is tested against it, and MPI sums its
+accumulators. It follows the SPARX reconstructors ``nn4`` (no CTF) and ``nn4_ctf`` (EMAN2 ``libEM/reconstructor.cpp``,
+``libEM/sparx/emdata_sparx.cpp`` ``nn``/``nn_ctf_exists``/``symplane0``, ``padfft_slice``, ``circumfnn``; driven by
+``sparx/libpy/reconstruction.py`` ``recons3d_4nn`` and ``recons3d_4nn_ctf``). Pose conventions are those of
+:mod:`gpu_ali3d.geometry`; the CTF is :func:`gpu_ali3d.ctf.ctf_grid` (CTF(0) = +Q, as SPARX's ``Util::tf``).
+
+What happens to each image (``padfft_slice``, then the reconstructor's ``insert_slice``):
+
+1. Subtract the mean of the pixels outside the circle of radius M // 2 about the centre (M // 2, M // 2)
+   (``average_circ_sub``: pixels with r^2 > (M // 2)^2).
+2. Zero-pad to Np = npad * M with the image centre on the padded centre, 2-D FFT, and move the phase origin to
+   the centre (``norm_pad``, ``do_fft``, ``center_origin_fft``): the transform is taken about the image centre.
+3. Multiply by ``exp(-2 pi i k.s / Np)`` with s = (sx, sy) of the pose: translating the image by (+sx, +sy)
+   centres it (``filter.shift`` by -t of the Transform).
+4. With CTF: multiply by the CTF evaluated on the padded grid (frequency k / (Np apix_A)), weight CTF^2;
+   without: weight 1.
+5. For every symmetry mate ``R @ S`` of the pose (:func:`gpu_ali3d.symmetry.symmetry_rotations`, SPARX's
+   ``Transform::get_sym_proj``) and every half-plane sample (kx, ky) with kx >= 0, kx^2 + ky^2 < Np^2 / 4 and not
+   (kx = 0 and ky < 0): the 3-D position is ``q = (R S).T @ (kx, ky, 0)``; if q_x < 0 it is replaced by -q and
+   the value by its complex conjugate (Friedel), then each coordinate is rounded to the nearest integer
+   (``floor(q + 0.5)``) and the value and weight are added to that voxel of the half grid.
+
+``finish`` (``nn4Reconstructor::finish`` / ``nn4_ctfReconstructor::finish``):
+
+1. ``symplane0``: on the kx = 0 plane, every voxel (ky, kz) with |ky|, |kz| < Np / 2, other than the origin, is
+   summed with the complex conjugate of its Friedel mate (-ky, -kz) (weights summed), so the plane is Hermitian.
+2. Every voxel with weight w > 0 is multiplied by ``1 / (w + 1/snr)`` (snr=None: ``1 / w``, as ``nn4`` without
+   an snr, the SPARX MPI path without CTF). Voxels with w = 0 are left as they are (they hold 0).
+3. Only for nn4_ctf (``weighting`` on; ``nn4``'s copy of the code is switched off with ``&& false``): the
+   neighbour-count correction multiplies each filled voxel by ``1 / (1 - alpha * s)``, where s sums
+   ``a[10 - |i| - |j| - |k|]`` over empty neighbours in a 7^3 box, ``a[c] = exp(0.2 c)`` with ``a[9] = 0`` (so the
+   six face neighbours never count), and ``alpha = (1 - 1/343) / sum of a over the whole box bar the centre``.
+   SPARX's loop has two slips that decide which voxel is looked at, and they are reproduced here exactly as it
+   runs (see :func:`_neighbour_weights`): the z neighbour is taken at ``cz + j`` instead of ``cz + k`` (so the
+   box collapses onto the y = z diagonal plane, each voxel counted with the k-summed weight), and the Friedel
+   flip for neighbours with x < 0 negates the loop variables in place, so only the first in-range (j, k) of each
+   i is flipped in full.
+4. Inverse 3-D FFT (normalised by 1 / Np^3), window the M^3 box about the centre (``depad``).
+5. ``circumfnn``: divide each voxel by ``sinc(dx) sinc(dy) sinc(dz)`` with ``sinc(d) = sin(pi d / (4 M)) /
+   (pi d / (4 M))`` (the 4 is SPARX's for any npad > 1; 1 for npad = 1), d the distance in voxels from the
+   centre along each axis; subtract the mean of the voxels with (M/2 - 1)^2 <= r^2 <= (M/2)^2 from every voxel
+   with r^2 <= (M/2)^2 and set the voxels outside to zero (M/2 is integer division).
+
+Deliberate deviations from SPARX: arithmetic is float64 (SPARX: float32), so a sample whose rotated coordinate
+lies within rounding error of a half-integer may land in the neighbouring voxel; the sums are formed per chunk of
+images (bincount), not image by image, so they agree with an image-by-image sum to rounding. Npad * M must be even
+(SPARX's odd-size paths are not reproduced; SPARX's local_ali3d always uses npad = 2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.fft
+
+from .ctf import CTFParams, ctf_grid
+from .geometry import rotation_matrix
+from .symmetry import symmetry_rotations
+
+#: Side of the neighbour box of nn4_ctf's weighting correction, and the growth rate of its weights.
+_WEIGHT_BOX = 7
+_WEIGHT_RATE = 0.2
+
+
+@dataclass
+class FourierAccumulator:
+    """The padded 3-D Fourier grid and weights of one reconstruction, before ``finish``.
+
+    data : complex128 (Np, Np, Np // 2 + 1), Np = npad * M: the sum of (CTF *) image transforms, the layout of
+        ``np.fft.rfftn`` of an (Np, Np, Np) array in numpy order (z, y, x): x (last axis) is the half axis kx = 0..Np/2,
+        y and z are in FFT order (index i is frequency i for i < Np/2, i - Np above; origin at index 0), frequencies
+        in cycles per padded box. The phase origin is the volume centre (voxel M // 2 of the final M^3 map).
+    weights : float64, same shape: the sum of CTF^2 (or of 1 without CTF) per voxel.
+    M : box of the images and of the map. npad : padding factor. sym : point group, applied at insertion.
+    snr : the Wiener constant used by ``finish`` (1/snr added to the weights); None adds nothing.
+    ctf : True once CTF-weighted images were inserted, False once images without CTF were, None while empty;
+        it picks nn4_ctf's or nn4's finish.
+    n_images : number of images inserted (each counted once, whatever the symmetry).
+
+    Accumulators with the same (M, npad, sym, snr) add exactly (:func:`add`): the MPI reduction is a plain sum of
+    ``data`` and ``weights``.
+    """
+
+    data: np.ndarray
+    weights: np.ndarray
+    M: int
+    npad: int
+    sym: str
+    snr: float | None
+    ctf: bool | None = None
+    n_images: int = 0
+
+    @property
+    def Np(self) -> int:
+        return self.M * self.npad
+
+
+def new_accumulator(M: int, *, npad: int = 2, sym: str = "c1", snr: float | None = 1.0) -> FourierAccumulator:
+    """An empty accumulator for M^3 maps (FourierAccumulator for the layout). Raises ValueError for bad values."""
+    if not isinstance(M, (int, np.integer)) or M < 2:
+        raise ValueError(f"M={M!r} must be an integer box size >= 2 pixels")
+    if not isinstance(npad, (int, np.integer)) or npad < 1:
+        raise ValueError(f"npad={npad!r} must be an integer >= 1 (SPARX uses 2)")
+    if (M * npad) % 2:
+        raise ValueError(f"npad * M = {npad} * {M} is odd; use an even npad (e.g. 2) for an odd box")
+    if snr is not None and not (np.isfinite(snr) and snr > 0):
+        raise ValueError(f"snr={snr!r} must be a positive number (or None for division by the weights alone)")
+    symmetry_rotations(sym)  # validates the name
+    n_p = int(M) * int(npad)
+    shape = (n_p, n_p, n_p // 2 + 1)
+    return FourierAccumulator(np.zeros(shape, np.complex128), np.zeros(shape, np.float64), int(M), int(npad),
+                              str(sym), None if snr is None else float(snr))
+
+
+def insert(acc: FourierAccumulator, images: np.ndarray, poses: np.ndarray, *, ctf: CTFParams | None = None,
+           apix_A: float = 1.0) -> None:
+    """Insert images at their poses (and all symmetry mates) into ``acc``, in place (module docstring, steps 1-5).
+
+    images : real (n, M, M), numpy order (y, x), centre (M // 2, M // 2). poses : (n, 5) [phi, theta, psi, sx, sy]
+    (:mod:`gpu_ali3d.geometry`). ctf : CTFParams of n particles (or one for all) for nn4_ctf insertion, or None.
+    apix_A : pixel size in Angstrom, for the CTF only.
+    """
+    images = np.asarray(images)
+    if images.ndim != 3 or images.shape[1:] != (acc.M, acc.M):
+        raise ValueError(f"images have shape {images.shape}; this accumulator takes (n, {acc.M}, {acc.M})")
+    transforms, weights = slice_transforms(images, poses, npad=acc.npad, ctf=ctf, apix_A=apix_A)
+    insert_transforms(acc, transforms, weights, poses, ctf=ctf is not None)
+
+
+def slice_transforms(images: np.ndarray, poses: np.ndarray, *, npad: int = 2, ctf: CTFParams | None = None,
+                     apix_A: float = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
+    """The centred, shifted (and CTF-multiplied) padded image transforms that ``insert`` scatters (steps 1-4).
+
+    Returns (transforms, weights): transforms complex128 (n, Np, Np // 2 + 1), ``np.fft.rfft2`` layout (ky rows in
+    FFT order, kx = 0..Np/2 columns), phase origin at the image centre, cycles per padded box; weights float64
+    (n or 1, Np, Np // 2 + 1) = CTF^2, or None without CTF (weight 1).
+    """
+    imgs = np.asarray(images)
+    if imgs.ndim != 3 or imgs.shape[1] != imgs.shape[2]:
+        raise ValueError(f"images must be square, shape (n, M, M); got {np.shape(images)}")
+    if np.iscomplexobj(imgs) or not np.issubdtype(imgs.dtype, np.number):
+        raise TypeError(f"images must be a real array; got dtype {imgs.dtype}")
+    n, m = imgs.shape[0], imgs.shape[1]
+    p = _as_poses(poses, n)
+    if not isinstance(npad, (int, np.integer)) or npad < 1 or (m * npad) % 2:
+        raise ValueError(f"npad={npad!r} must be an integer >= 1 with npad * M even (M={m}); SPARX uses 2")
+    if ctf is not None and len(ctf) not in (1, n):
+        raise ValueError(f"ctf has {len(ctf)} entries for {n} images; give one per image (or one for all)")
+    if not (np.isfinite(apix_A) and apix_A > 0):
+        raise ValueError(f"apix_A must be a positive pixel size in Angstrom; got {apix_A}")
+    n_p = m * npad
+    c = m // 2
+
+    # 1. subtract the mean outside the circle of radius M // 2 (SPARX average_circ_sub)
+    axis = np.arange(m) - c
+    outside = axis[:, None] ** 2 + axis[None, :] ** 2 > c * c
+    imgs = imgs.astype(np.float64)
+    if outside.any():
+        imgs = imgs - imgs[:, outside].mean(axis=1)[:, None, None]
+    # 2. pad with the image centre at padded index 0 (wrapping), so the transform is taken about the centre
+    padded = np.zeros((n, n_p, n_p))
+    at = (np.arange(m) - c) % n_p
+    padded[:, at[:, None], at[None, :]] = imgs
+    spectrum = scipy.fft.rfft2(padded, workers=-1)
+    # 3. the shift: translate by (+sx, +sy)
+    ky = np.fft.fftfreq(n_p, d=1.0 / n_p)[:, None]
+    kx = np.fft.rfftfreq(n_p, d=1.0 / n_p)[None, :]
+    spectrum *= np.exp(-2j * np.pi * (kx * p[:, 3, None, None] + ky * p[:, 4, None, None]) / n_p)
+    # 4. the CTF, on the padded grid
+    if ctf is None:
+        return spectrum, None
+    ctf_values = ctf_grid(ctf, n_p, apix_A, half=True)
+    spectrum *= ctf_values
+    return spectrum, ctf_values * ctf_values
+
+
+def insert_transforms(acc: FourierAccumulator, transforms: np.ndarray, weights: np.ndarray | None,
+                      poses: np.ndarray, *, ctf: bool) -> None:
+    """Scatter prepared slice transforms into ``acc`` by nearest neighbour (step 5), in place.
+
+    transforms : complex (n, Np, Np // 2 + 1) and weights : (n or 1, Np, Np // 2 + 1) or None, as returned by
+    :func:`slice_transforms`; poses : (n, 5) (only the angles are read here; shifts are in the transforms).
+    ctf : whether these are CTF-weighted (nn4_ctf) slices; it must agree with what ``acc`` already holds.
+    """
+    n_p = acc.Np
+    half = n_p // 2 + 1
+    if transforms.ndim != 3 or transforms.shape[1:] != (n_p, half):
+        raise ValueError(f"transforms have shape {transforms.shape}; expected (n, {n_p}, {half}) for M={acc.M}, "
+                         f"npad={acc.npad}")
+    n = transforms.shape[0]
+    p = _as_poses(poses, n)
+    if ctf != (weights is not None):
+        raise ValueError(f"ctf={ctf} but weights are {'given' if weights is not None else 'None'}; CTF-weighted "
+                         "slices come with their CTF^2 weights, CTF-free ones with None")
+    if weights is not None and (weights.ndim != 3 or weights.shape[0] not in (1, n)
+                                or weights.shape[1:] != transforms.shape[1:]):
+        raise ValueError(f"weights have shape {weights.shape}; expected (1 or {n}, {n_p}, {half})")
+    if acc.ctf is not None and acc.ctf != ctf:
+        raise ValueError("cannot mix images with and without CTF in one accumulator "
+                         f"(it holds {'CTF-weighted' if acc.ctf else 'CTF-free'} data)")
+    acc.ctf = ctf
+    acc.n_images += n
+    if n == 0:
+        return
+
+    # The half-plane samples that SPARX inserts: kx >= 0, kx^2 + ky^2 < Np^2/4, not (kx = 0 and ky < 0).
+    ky = np.fft.fftfreq(n_p, d=1.0 / n_p).astype(np.int64)[:, None] * np.ones((1, half), np.int64)
+    kx = np.arange(half, dtype=np.int64)[None, :] * np.ones((n_p, 1), np.int64)
+    keep = (kx * kx + ky * ky < (n_p * n_p) // 4) & ~((kx == 0) & (ky < 0))
+    kx_s, ky_s = kx[keep].astype(np.float64), ky[keep].astype(np.float64)     # (P,)
+    values = transforms[:, keep]                                                # (n, P)
+    w = None if weights is None else np.broadcast_to(weights[:, keep], values.shape)
+
+    rot = rotation_matrix(p[:, 0], p[:, 1], p[:, 2])                            # (n, 3, 3)
+    shape, size = acc.data.shape, acc.data.size
+    re, im = values.real, values.imag
+    for op in symmetry_rotations(acc.sym):
+        mate = rot @ op                                                         # (n, 3, 3): R @ S
+        # q = (R S).T @ (kx, ky, 0), i.e. q_a = (R S)[0, a] kx + (R S)[1, a] ky; Friedel: q_x < 0 -> -q, conj
+        qx, qy, qz = (mate[:, 0, a, None] * kx_s + mate[:, 1, a, None] * ky_s for a in range(3))   # (n, P) each
+        sign = np.where(qx < 0.0, -1.0, 1.0)
+        ix = np.floor(sign * qx + 0.5).astype(np.intp)
+        iy = np.floor(sign * qy + 0.5).astype(np.intp) % n_p
+        iz = np.floor(sign * qz + 0.5).astype(np.intp) % n_p
+        flat = ((iz * n_p + iy) * half + ix).ravel()
+        acc.data.real[...] += np.bincount(flat, re.ravel(), size).reshape(shape)
+        acc.data.imag[...] += np.bincount(flat, (sign * im).ravel(), size).reshape(shape)
+        counts = np.bincount(flat, None if weights is None else w.ravel(), size)
+        acc.weights += counts.reshape(shape)
+
+
+def add(acc_a: FourierAccumulator, acc_b: FourierAccumulator) -> FourierAccumulator:
+    """A new accumulator holding the sum of two (half sets, MPI ranks). They must share M, npad, sym and snr."""
+    for name in ("M", "npad", "sym", "snr"):
+        if getattr(acc_a, name) != getattr(acc_b, name):
+            raise ValueError(f"cannot add accumulators with different {name}: "
+                             f"{getattr(acc_a, name)!r} and {getattr(acc_b, name)!r}")
+    if None not in (acc_a.ctf, acc_b.ctf) and acc_a.ctf != acc_b.ctf:
+        raise ValueError("cannot add an accumulator of CTF-weighted images to one without CTF")
+    return FourierAccumulator(acc_a.data + acc_b.data, acc_a.weights + acc_b.weights, acc_a.M, acc_a.npad,
+                              acc_a.sym, acc_a.snr, acc_a.ctf if acc_a.ctf is not None else acc_b.ctf,
+                              acc_a.n_images + acc_b.n_images)
+
+
+def finish(acc: FourierAccumulator, *, weighting: bool | None = None) -> np.ndarray:
+    """The real-space map from an accumulator (module docstring, finish steps 1-5); ``acc`` is not changed.
+
+    weighting : nn4_ctf's neighbour-count correction; None (default) does as SPARX: on for CTF-weighted data
+        (nn4_ctf), off otherwise (nn4).
+    Returns float64 (M, M, M), numpy order (z, y, x), centre voxel M // 2, zero outside radius M // 2.
+    """
+    if weighting is None:
+        weighting = bool(acc.ctf)
+    n_p, m = acc.Np, acc.M
+    data = acc.data.copy()
+    weights = acc.weights.copy()
+    _symplane0(data, weights)
+    filled = weights > 0
+    osnr = 0.0 if acc.snr is None else 1.0 / acc.snr
+    scale = 1.0 / (weights[filled] + osnr)
+    if weighting:
+        scale *= _neighbour_weights(weights)[filled]
+    data[filled] *= scale
+    padded = np.fft.irfftn(data, s=(n_p, n_p, n_p), axes=(0, 1, 2))
+    index = (np.arange(m) - m // 2) % n_p
+    vol = padded[np.ix_(index, index, index)]
+    return _circumfnn(vol, acc.npad)
+
+
+def reconstruct(images: np.ndarray, poses: np.ndarray, *, ctf: CTFParams | None = None, apix_A: float = 1.0,
+                snr: float | None = 1.0, sym: str = "c1", npad: int = 2, chunk: int = 256) -> np.ndarray:
+    """nn4 (ctf None) or nn4_ctf reconstruction of images at poses: float64 (M, M, M), see :func:`finish`.
+
+    Images go through :func:`insert` ``chunk`` at a time, so memory stays bounded for any number of images.
+    """
+    acc = _accumulate(images, poses, np.arange(len(images)), ctf=ctf, apix_A=apix_A, snr=snr, sym=sym, npad=npad,
+                      chunk=chunk)
+    return finish(acc)
+
+
+def reconstruct_halves(images: np.ndarray, poses: np.ndarray, *, half: np.ndarray | None = None,
+                       ctf: CTFParams | None = None, apix_A: float = 1.0, snr: float | None = 1.0, sym: str = "c1",
+                       npad: int = 2, chunk: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two half maps and the full map, each float64 (M, M, M): (even, odd, full).
+
+    half : int array (n,) of 0 (first, "even" half) and 1 (second, "odd" half), e.g. rlnRandomSubset - 1; None
+        splits by image index parity as SPARX's local_ali3d does (images 0, 2, 4, ... and 1, 3, 5, ...).
+    The full map is finished from the sum of the two half accumulators, which equals a reconstruction from all
+    images up to float rounding.
+    """
+    n = len(images)
+    if half is None:
+        half = np.arange(n) % 2
+    half = np.asarray(half)
+    if half.shape != (n,) or not np.isin(half, (0, 1)).all():
+        raise ValueError(f"half must be an array of {n} values, each 0 or 1; got shape {half.shape} with values "
+                         f"{np.unique(half)[:5]}")
+    accs = [_accumulate(images, poses, np.nonzero(half == h)[0], ctf=ctf, apix_A=apix_A, snr=snr, sym=sym,
+                        npad=npad, chunk=chunk) for h in (0, 1)]
+    return finish(accs[0]), finish(accs[1]), finish(add(accs[0], accs[1]))
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _accumulate(images, poses, which: np.ndarray, *, ctf, apix_A, snr, sym, npad, chunk) -> FourierAccumulator:
+    images = np.asarray(images)
+    if images.ndim != 3 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"images must be square, shape (n, M, M); got {images.shape}")
+    poses = _as_poses(poses, len(images))
+    if ctf is not None and len(ctf) not in (1, len(images)):
+        raise ValueError(f"ctf has {len(ctf)} entries for {len(images)} images; give one per image (or one for all)")
+    if not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ValueError(f"chunk={chunk!r} must be a positive number of images")
+    acc = new_accumulator(images.shape[1], npad=npad, sym=sym, snr=snr)
+    for start in range(0, len(which), chunk):
+        sel = which[start:start + chunk]
+        part_ctf = None if ctf is None else (ctf if len(ctf) == 1 else ctf[sel])
+        insert(acc, images[sel], poses[sel], ctf=part_ctf, apix_A=apix_A)
+    if ctf is not None:
+        acc.ctf = True  # an empty half of a CTF data set still finishes as nn4_ctf
+    return acc
+
+
+def _as_poses(poses, n: int) -> np.ndarray:
+    p = np.asarray(poses, dtype=np.float64)
+    if p.shape != (n, 5):
+        raise ValueError(f"poses must have shape ({n}, 5) [phi, theta, psi, sx, sy], one per image; got {p.shape}")
+    if not np.all(np.isfinite(p)):
+        raise ValueError("poses contain NaN or inf")
+    return p
+
+
+def _signed(n: int) -> np.ndarray:
+    """Signed frequency of each FFT-order index as SPARX's finish numbers them: 0..n/2-1, then -n/2..-1."""
+    i = np.arange(n)
+    return np.where(i < n // 2, i, i - n)
+
+
+def _symplane0(data: np.ndarray, weights: np.ndarray) -> None:
+    """SPARX ``symplane0``: make the kx = 0 plane Hermitian by summing each voxel with its Friedel mate, in place.
+
+    Only voxels with |ky|, |kz| < Np/2 (not the Nyquist row/column) and not the origin take part.
+    """
+    n_p = data.shape[0]
+    mate = (-np.arange(n_p)) % n_p
+    plane, wplane = data[:, :, 0], weights[:, :, 0]
+    summed = plane + np.conj(plane[np.ix_(mate, mate)])
+    wsummed = wplane + wplane[np.ix_(mate, mate)]
+    ok = np.arange(n_p) != n_p // 2
+    sel = ok[:, None] & ok[None, :]
+    sel[0, 0] = False
+    plane[sel] = summed[sel]
+    wplane[sel] = wsummed[sel]
+
+
+def _neighbour_weights(weights: np.ndarray) -> np.ndarray:
+    """nn4_ctf's neighbour-count correction ``1 / (1 - alpha * s)`` for every voxel of the half grid.
+
+    Reproduces ``nn4_ctfReconstructor::finish`` as it runs. For a voxel (cx, cy, cz) (cx = 0..Np/2; cy, cz signed,
+    see :func:`_signed`) and offsets i, j, k in -3..3: neighbours with cx + i >= Np/2 are skipped, and so are
+    offsets with cy + j or cz + j outside (-Np/2, Np/2). The voxel looked at is (cx + i, cy + j, cz + j) -- the
+    source writes ``cz + jj`` where ``cz + kk`` was meant, so k only changes the weight ``a[10 - |i| - |j| - |k|]``.
+    If cx + i < 0 the source negates its three loop variables in place: at the first in-range j of that i the
+    voxel looked at is (-(cx+i), -(cy+j), -(cz+j)) for k = -3 and (-(cx+i), -(cy+j), cz+j) for the other k; for
+    later j it is (-(cx+i), cy+j, cz+j). Each looked-at voxel with weight 0 adds its ``a`` to s.
+    """
+    n_p, _, half = weights.shape
+    kc = (_WEIGHT_BOX - 1) // 2
+    top = 3 * kc + 1
+    a = np.exp(_WEIGHT_RATE * np.arange(top + 1))           # a[c] = exp(0.2 c); SPARX builds it by products
+    a[top - 1] = 0.0                                       # pow_a[3 kc] = 0: face neighbours never count
+    a[top] = 0.0                                           # the centre (never looked at: its weight is > 0)
+    offsets = np.arange(-kc, kc + 1)
+    box_max = sum(a[top - abs(i) - abs(j) - abs(k)] for i in offsets for j in offsets for k in offsets
+                  if (i, j, k) != (0, 0, 0))
+    alpha = (1.0 - 1.0 / _WEIGHT_BOX ** 3) / box_max
+
+    empty = (weights == 0.0).astype(np.float64)
+    signed = _signed(n_p)
+    lim = n_p // 2
+    total = np.zeros_like(weights)
+    for i in offsets:
+        # cx + i >= 0: look at (cx + i, cy + j, cz + j) for 0 <= cx + i < Np/2, the whole grid at once
+        lo, hi = max(0, -i), min(half, lim - i)
+        for j in offsets:
+            a_all = sum(a[top - abs(i) - abs(j) - abs(k)] for k in offsets)
+            rolled = np.roll(empty, (-j, -j), axis=(0, 1))                  # rolled[z, y] = empty[z + j, y + j]
+            if hi > lo:
+                total[:, :, lo:hi] += a_all * rolled[:, :, lo + i:hi + i] * _in_range(signed + j, lim)[:, :, None]
+        # cx + i < 0 (cx = 0 .. -i - 1): the source's in-place Friedel flip, with its sequential state per voxel
+        for cx in range(0, min(half, -i)):
+            nx = -(cx + i)
+            seen = np.zeros((n_p, n_p), bool)                              # (z, y): flipped once already
+            for j in offsets:
+                a_all = sum(a[top - abs(i) - abs(j) - abs(k)] for k in offsets)
+                a_first = a[top - abs(i) - abs(j) - kc]                     # k = -3, the first k of the loop
+                in_range = _in_range(signed + j, lim)
+                zz = (signed + j)[:, None]
+                yy = (signed + j)[None, :]
+                first, later = in_range & ~seen, in_range & seen
+                total[:, :, cx] += first * (a_first * empty[(-zz) % n_p, (-yy) % n_p, nx]
+                                            + (a_all - a_first) * empty[zz % n_p, (-yy) % n_p, nx])
+                total[:, :, cx] += later * a_all * empty[zz % n_p, yy % n_p, nx]
+                seen |= in_range
+    return 1.0 / (1.0 - alpha * total)
+
+
+def _in_range(shifted: np.ndarray, lim: int) -> np.ndarray:
+    """(z, y) mask of the offsets SPARX keeps: both the y and the z neighbour (the same signed value, as the source
+    uses j for both) strictly inside (-Np/2, Np/2)."""
+    ok = (shifted > -lim) & (shifted < lim)
+    return ok[:, None] & ok[None, :]
+
+
+def _circumfnn(vol: np.ndarray, npad: int) -> np.ndarray:
+    """SPARX ``circumfnn`` on an M^3 map (module docstring, finish step 5). Returns a new float64 array."""
+    m = vol.shape[0]
+    c = m // 2
+    cor = 1.0 if npad == 1 else 4.0
+    d = np.abs(np.arange(m) - c).astype(np.float64)
+    arg = d * np.pi / (cor * m)
+    sinc = np.where(d > 0, np.sin(arg) / np.where(d > 0, arg, 1.0), 1.0)
+    out = vol / (sinc[:, None, None] * sinc[None, :, None] * sinc[None, None, :])
+    r2 = (d[:, None, None] ** 2 + d[None, :, None] ** 2 + d[None, None, :] ** 2)
+    outer, inner = c * c, (c - 1) * (c - 1)
+    shell = (r2 >= inner) & (r2 <= outer)
+    out -= out[shell].mean()
+    out[r2 > outer] = 0.0
+    return out
