@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 DEVICES = ("auto", "cpu", "gpu")
+INTERPOLATIONS = ("kb", "trilinear")
 _FUNCTION_RE = re.compile(r"^[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?$")
 
 
@@ -35,6 +36,8 @@ class RefineOptions:
     device : "auto" (GPU when one is usable, else CPU), "cpu" or "gpu".
     seed : seed of the random generator (half-set assignment, ties), for reproducible runs.
     write_headers : after a successful run, write the refined poses into the input's headers (atomically).
+    interpolation : "kb" (Kaiser-Bessel K = 6, SPARX's gridding) or "trilinear" (8 taps, faster, less exact) for
+        sampling the reference's central sections in the objective.
     """
 
     ou: int = -1
@@ -54,6 +57,7 @@ class RefineOptions:
     device: str = "auto"
     seed: int = 0
     write_headers: bool = False
+    interpolation: str = "kb"
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -86,6 +90,8 @@ class RefineOptions:
         if self.device not in DEVICES:
             raise ValueError(f"--device {self.device!r}: expected one of {', '.join(DEVICES)}")
         _check_int("seed", self.seed)
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"--interpolation {self.interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
 
     def outer_radius(self, box: int) -> int:
         """The mask radius in pixels for a box, validated: ou, or box // 2 - 2 when ou is -1."""

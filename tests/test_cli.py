@@ -98,12 +98,14 @@ def test_simulate_from_a_map_to_hdf(tmp_path, capsys, shared_data):
 
 
 def test_refine_parses_every_sparx_option(tmp_path, capsys, clean_star):
-    # the options are valid; the engine itself is not in this version, which the command says plainly
-    argv = ["refine", clean_star, tmp_path / "out", "--ou", 28, "--delta", 3, "--ts", 1.5, "--maxit", 4,
-            "--chunk", 0.5, "--center", -1, "--CTF", "--snr", 2, "--sym", "c2", "--function", "ref_ali3d",
-            "--npad", 4, "--Fourvar", "--MPI", "--device", "cpu", "--seed", 7]
-    assert_user_error(capsys, argv, "not in this version", "200 particles", "ou 28")
-    assert not (tmp_path / "out").exists()
+    # every SPARX option at once; maxit 0 runs the final reconstruction only, so this stays quick
+    argv = ["refine", clean_star, tmp_path / "out", "--ou", 28, "--delta", 3, "--ts", 1.5, "--maxit", 0,
+            "--chunk", 1, "--center", -1, "--CTF", "--snr", 2, "--sym", "c2", "--function", "ref_ali3d",
+            "--npad", 2, "--Fourvar", "--MPI", "--device", "cpu", "--seed", 7, "--interpolation", "trilinear"]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "200 particles, box 64" in out and "ou 28" in out and "sym c2" in out
+    assert (tmp_path / "out" / "vol000_000.hdf").is_file() and (tmp_path / "out" / "particles.star").is_file()
 
 
 @pytest.mark.parametrize("args, fragments", [

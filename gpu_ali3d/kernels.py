@@ -1,0 +1,392 @@
+"""Single-source kernels (kernels/*.cu): build for the CPU (host C++ compiler + OpenMP) or load as a CuPy RawModule.
+
+A kernel file ``kernels/<name>.cu`` includes project headers (``#include "portable.cuh"``); :func:`kernel_source`
+inlines them (recursively, each header once) into one string, which is what every target compiles:
+
+* CPU: :func:`cpu_build` runs ``c++ -O3 -fopenmp -shared -fPIC -x c++`` on that string and caches the library
+  as ``<cache>/<key>.so``, key = sha256(source + flags + compiler version + target), written under a temporary
+  name and renamed atomically. cache = ``$GPU_ALI3D_CACHE`` or ``~/.cache/gpu-ali3d`` (``$XDG_CACHE_HOME``).
+* GPU: :func:`gpu_module` hands the same string to ``cupy.RawModule`` with :data:`NVRTC_OPTIONS`.
+* CI (no GPU): :func:`nvcc_check` compiles it with ``nvcc --ptx`` and :func:`nvrtc_check` through
+  ``cupy.cuda.nvrtc`` with the same options a GPU would use.
+
+Launch wrappers (one per kernel) check dtype, contiguity and shape; callers never pass pointers.
+cupy is imported lazily, only on the GPU path.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+#: The folder of the kernel sources (beside the package in a checkout).
+KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+#: Host compiler flags of the CPU build (the key includes them). No -ffast-math / -march=native: the CPU build
+#: must give the answer the GPU gives, on every machine that shares a cache.
+CPU_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-x", "c++")
+#: The exact options cupy.RawModule gets on a GPU (cupy adds the architecture), and CI's NVRTC/nvcc checks use.
+NVRTC_OPTIONS = ("--std=c++17", "-DGPU_ALI3D_CUDA=1")
+#: Threads per block of every GPU launch (a multiple of 32, as block_sum requires).
+GPU_THREADS = 128
+#: Upper bound on the GPU grid; FOR_BLOCKS grid-strides over the rest.
+GPU_MAX_BLOCKS = 65535
+
+_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.MULTILINE)
+
+
+def kernel_source(name: str, kernel_dir: str | os.PathLike | None = None) -> str:
+    """The text of ``<kernel_dir>/<name>.cu`` with its project headers inlined (each once, recursively).
+
+    kernel_dir : folder of the sources (default :data:`KERNEL_DIR`). ``#line`` directives keep compiler messages
+    pointing at the original files. Raises FileNotFoundError for a missing kernel or header.
+    """
+    folder = Path(kernel_dir) if kernel_dir is not None else KERNEL_DIR
+    path = folder / f"{name}.cu"
+    if not path.is_file():
+        available = sorted(p.stem for p in folder.glob("*.cu"))
+        raise FileNotFoundError(f"no kernel source {path}; kernels in {folder}: {available}")
+    return _inline(path, folder, set())
+
+
+def cache_dir() -> Path:
+    """Where CPU builds are cached: $GPU_ALI3D_CACHE, else $XDG_CACHE_HOME/gpu-ali3d, else ~/.cache/gpu-ali3d."""
+    env = os.environ.get("GPU_ALI3D_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gpu-ali3d"
+
+
+def host_compiler() -> str:
+    """The host C++ compiler: $CXX, else c++, else g++. RuntimeError if none is found."""
+    for candidate in (os.environ.get("CXX"), "c++", "g++"):
+        if candidate and shutil.which(candidate):
+            return shutil.which(candidate)
+    raise RuntimeError("no C++ compiler found for the CPU kernels (tried $CXX, c++, g++); install g++ "
+                       "(e.g. apt-get install g++) or set CXX")
+
+
+def build_key(source: str, flags, compiler_version: str, target: str) -> str:
+    """sha256 over everything that decides the binary: source (headers inlined), flags, compiler, target."""
+    h = hashlib.sha256()
+    for part in (source, "\0".join(flags), compiler_version, target):
+        h.update(part.encode())
+        h.update(b"\0\1\0")
+    return h.hexdigest()
+
+
+def cpu_library_path(name: str, kernel_dir=None, cache=None) -> Path:
+    """Build ``<name>.cu`` for the CPU if it is not cached; return the path of the shared library."""
+    source = kernel_source(name, kernel_dir)
+    cxx = host_compiler()
+    key = build_key(source, CPU_FLAGS, _compiler_version(cxx), f"cpu-{platform.system()}-{platform.machine()}")
+    folder = Path(cache) if cache is not None else cache_dir()
+    out = folder / f"{key}.so"
+    if out.is_file():
+        return out
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".so.tmp", dir=folder)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cxx, *CPU_FLAGS, "-", "-o", tmp], input=source, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling kernel {name!r} for the CPU failed ({cxx}):\n{proc.stderr}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def cpu_build(name: str, kernel_dir=None, cache=None) -> ctypes.CDLL:
+    """The CPU build of kernel file ``<name>.cu`` loaded with ctypes (compiled and cached on first use)."""
+    return _load_cdll(str(cpu_library_path(name, kernel_dir, cache)))
+
+
+def gpu_module(name: str, kernel_dir=None):
+    """``cupy.RawModule`` of kernel file ``<name>.cu`` (same inlined source, :data:`NVRTC_OPTIONS`)."""
+    import cupy  # lazy: the GPU path only
+    return cupy.RawModule(code=kernel_source(name, kernel_dir), options=NVRTC_OPTIONS)
+
+
+def nvcc_check(name: str, arch: str = "sm_80", kernel_dir=None) -> str:
+    """Compile the inlined source of ``<name>.cu`` to PTX with nvcc (CI's check; needs no GPU). Returns the PTX.
+
+    arch : e.g. "sm_80", "sm_90". RuntimeError with nvcc's messages on failure, or if nvcc is not on PATH.
+    """
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise RuntimeError("nvcc is not on PATH; install the CUDA toolkit to check the GPU kernels")
+    source = kernel_source(name, kernel_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, ptx = Path(tmp) / f"{name}.cu", Path(tmp) / f"{name}.ptx"
+        src.write_text(source)
+        proc = subprocess.run([nvcc, "--ptx", f"-arch={arch}", *NVRTC_OPTIONS, str(src), "-o", str(ptx)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"nvcc failed on kernel {name!r} for {arch}:\n{proc.stderr}")
+        return ptx.read_text()
+
+
+def nvrtc_check(name: str, arch: str = "compute_80", kernel_dir=None) -> bytes:
+    """Compile with NVRTC through ``cupy.cuda.nvrtc`` and :data:`NVRTC_OPTIONS` (what cupy.RawModule would do).
+
+    Needs cupy and an NVRTC library, not a GPU. Returns the PTX.
+    """
+    from cupy.cuda import nvrtc  # lazy
+    source = kernel_source(name, kernel_dir)
+    prog = nvrtc.createProgram(source, f"{name}.cu", [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, [*NVRTC_OPTIONS, f"--gpu-architecture={arch}"])
+        except nvrtc.NVRTCError as err:
+            raise RuntimeError(f"NVRTC failed on kernel {name!r} for {arch}:\n{nvrtc.getProgramLog(prog)}") from err
+        return nvrtc.getPTX(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def kernel_names(kernel_dir=None) -> list[str]:
+    """The kernel files (``*.cu`` stems) in the kernel folder."""
+    folder = Path(kernel_dir) if kernel_dir is not None else KERNEL_DIR
+    return sorted(p.stem for p in folder.glob("*.cu"))
+
+
+@dataclass(frozen=True)
+class KernelSet:
+    """The kernels of one target, under the same names on both: ``launch(module, kernel, n_blocks, args)``.
+
+    target : "cpu" (ctypes over the OpenMP build) or "gpu" (cupy RawModule). kernel_dir : source folder or None.
+    """
+
+    target: str
+    kernel_dir: str | None = None
+
+    def launch(self, module: str, kernel: str, n_blocks: int, args) -> None:
+        """Run ``kernel`` of ``<module>.cu`` over ``n_blocks`` blocks (FOR_BLOCKS items).
+
+        args : the kernel's arguments in order, each an array of the backend's array module (C-contiguous, dtype
+        already checked by the caller's wrapper) or a numpy scalar (np.int32, np.int64, np.float32, np.float64)
+        whose type is the C parameter's type.
+        """
+        if n_blocks <= 0:
+            return
+        if self.target == "cpu":
+            fn = getattr(cpu_build(module, self.kernel_dir), kernel)
+            fn.restype = None
+            fn(*(_ctypes_arg(a) for a in args))
+        elif self.target == "gpu":
+            fn = _gpu_function(module, kernel, self.kernel_dir)
+            grid = (int(min(n_blocks, GPU_MAX_BLOCKS)),)
+            fn(grid, (GPU_THREADS,), tuple(args))
+        else:
+            raise ValueError(f"target={self.target!r}; expected 'cpu' or 'gpu'")
+
+
+# ----------------------------------------------------------------------------------------------- score.cu
+#: PreparedReference.interpolation -> the kernel's `kind` argument (kernels/gridding.cuh).
+INTERP_KINDS = {"kb": 0, "trilinear": 1}
+#: Limits of kernels/gridding.cuh: KB_MAX_BETA (series terms) and MAX_TAPS.
+KB_MAX_BETA = 16.0
+MAX_TAPS = 16
+
+
+@dataclass(frozen=True)
+class KernelReference:
+    """A PreparedReference in the kernel's dtypes, on the backend's device (:func:`kernel_reference`).
+
+    data : complex64 (N + 2h + 1, N + 2h + 1, N // 2 + 1 + 2h), C-contiguous, the layout of
+    :class:`gpu_ali3d.gridding.PreparedReference` (axes z, y, x; halo h). N, halo, taps : ints.
+    kind : 0 Kaiser-Bessel, 1 trilinear. beta : KB shape parameter (gridding.kb_beta).
+    """
+
+    data: object
+    N: int
+    halo: int
+    taps: int
+    kind: int
+    beta: float
+
+
+@dataclass(frozen=True)
+class KernelImages:
+    """PreparedImages in the kernel's dtypes, on the backend's device (:func:`kernel_images`).
+
+    freqs : float32 (S, 2) (kx, ky) padded-grid units. weights : float32 (S,). data : complex64 (n, S).
+    ctf : float32 (n, S) or None. power : float64 (n,), sum_k weights |data|^2 (from the float64 data). N : int.
+    """
+
+    freqs: object
+    weights: object
+    data: object
+    ctf: object
+    power: object
+    N: int
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+
+def kernel_reference(backend, ref) -> KernelReference:
+    """Convert a :class:`gpu_ali3d.gridding.PreparedReference` once (per iteration) for :func:`score_sums`."""
+    if ref.interpolation not in INTERP_KINDS:
+        raise ValueError(f"ref.interpolation={ref.interpolation!r}; expected one of {tuple(INTERP_KINDS)}")
+    if ref.taps > MAX_TAPS:
+        raise ValueError(f"the kernels handle at most {MAX_TAPS} taps per axis; got kb_width={ref.taps}")
+    if ref.interpolation == "kb" and not ref.beta <= KB_MAX_BETA:
+        raise ValueError(f"Kaiser-Bessel beta = pi alpha K / (2 pad) = {ref.beta:.3f} exceeds the kernels' "
+                         f"{KB_MAX_BETA} (SPARX's K = 6, alpha = 1.75, pad = 2 give 8.25); use a smaller kb_alpha")
+    xp = backend.xp
+    data = xp.ascontiguousarray(xp.asarray(ref.data, dtype=np.complex64))
+    return KernelReference(data=data, N=int(ref.N), halo=int(ref.halo), taps=int(ref.taps),
+                           kind=INTERP_KINDS[ref.interpolation], beta=float(ref.beta))
+
+
+def kernel_images(backend, prepared) -> KernelImages:
+    """Convert a :class:`gpu_ali3d.score.PreparedImages` once (per iteration) for :func:`score_sums`."""
+    xp = backend.xp
+
+    def conv(a, dtype):
+        return None if a is None else xp.ascontiguousarray(xp.asarray(a, dtype=dtype))
+
+    return KernelImages(freqs=conv(prepared.freqs, np.float32), weights=conv(prepared.weights, np.float32),
+                        data=conv(prepared.data, np.complex64), ctf=conv(prepared.ctf, np.float32),
+                        power=conv(prepared.power, np.float64), N=int(prepared.N))
+
+
+def score_sums(backend, kref: KernelReference, kimg: KernelImages, poses, image_index, out=None):
+    """Launch kernels/score.cu: the two sums of the objective for each (image, pose) pair.
+
+    poses : float64 (n, 5), C-contiguous, backend array: phi, theta, psi (degrees), sx, sy (pixels).
+    image_index : int64 (n,), backend array, values in [0, len(kimg)).
+    out : float64 (n, 2) backend array to write into (every element is written), or None for a new one.
+    Returns out: [:, 0] = sum_k w Re(conj(X_k) P_k), [:, 1] = sum_k w |P_k|^2 (score.py's ``cross`` and ``ppow``).
+    """
+    xp = backend.xp
+    if kref.N != kimg.N:
+        raise ValueError(f"reference N={kref.N} but images N={kimg.N}; prepare both with the same box and pad")
+    n_img, n_s = kimg.data.shape
+    d, dx = kref.N + 2 * kref.halo + 1, kref.N // 2 + 1 + 2 * kref.halo
+    _check_array("ref.data", kref.data, np.complex64, (d, d, dx), xp)
+    _check_array("freqs", kimg.freqs, np.float32, (n_s, 2), xp)
+    _check_array("weights", kimg.weights, np.float32, (n_s,), xp)
+    _check_array("data", kimg.data, np.complex64, (n_img, n_s), xp)
+    if kimg.ctf is not None:
+        _check_array("ctf", kimg.ctf, np.float32, (n_img, n_s), xp)
+    n = poses.shape[0] if getattr(poses, "ndim", 0) == 2 else -1
+    _check_array("poses", poses, np.float64, (n, 5), xp)
+    _check_array("image_index", image_index, np.int64, (n,), xp)
+    if out is None:
+        out = xp.empty((n, 2), dtype=np.float64)
+    _check_array("out", out, np.float64, (n, 2), xp)
+    if n and (int(image_index.min()) < 0 or int(image_index.max()) >= n_img):
+        raise ValueError(f"image_index out of range [0, {n_img}): {int(image_index.min())}..{int(image_index.max())}")
+    ctf = kimg.ctf if kimg.ctf is not None else kimg.weights         # not read when has_ctf = 0
+    backend.kernels.launch("score", "score", n, [
+        kref.data, np.int32(kref.N), np.int32(kref.halo), np.int32(kref.taps), np.int32(kref.kind),
+        np.float64(kref.beta), kimg.freqs, kimg.weights, np.int32(n_s), kimg.data, ctf,
+        np.int32(kimg.ctf is not None), poses, image_index, np.int64(n), out])
+    return out
+
+
+def score_kernel(backend, ref, prepared, poses, image_index=None):
+    """Normalised correlation per (image, pose) pair through kernels/score.cu (score.py's formula).
+
+    ref : PreparedReference or :class:`KernelReference`; prepared : PreparedImages or :class:`KernelImages`
+    (convert once with :func:`kernel_reference` / :func:`kernel_images` when calling repeatedly).
+    poses : (n, 5) phi theta psi (degrees) sx sy (pixels); image_index : (n,) ints or None (pose i <-> image i).
+    Returns float64 (n,) backend array, in [-1, 1]; 0 where the projection has no power.
+    """
+    xp = backend.xp
+    kref = ref if isinstance(ref, KernelReference) else kernel_reference(backend, ref)
+    kimg = prepared if isinstance(prepared, KernelImages) else kernel_images(backend, prepared)
+    p = xp.ascontiguousarray(xp.asarray(poses, dtype=np.float64).reshape(-1, 5))
+    if image_index is None:
+        if p.shape[0] != len(kimg):
+            raise ValueError(f"{p.shape[0]} poses for {len(kimg)} images: give image_index to pair them")
+        idx = xp.arange(p.shape[0], dtype=np.int64)
+    else:
+        idx = xp.ascontiguousarray(xp.asarray(image_index, dtype=np.int64))
+    sums = score_sums(backend, kref, kimg, p, idx)
+    den = xp.sqrt(kimg.power[idx] * sums[:, 1])
+    return xp.where(den > 0, sums[:, 0] / xp.where(den > 0, den, 1.0), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _check_array(name, a, dtype, shape, xp) -> None:
+    """Launch-wrapper checks: array of the backend's module, exact dtype (no silent casts), shape, C order."""
+    if not isinstance(a, xp.ndarray):
+        raise TypeError(f"{name} must be a {xp.__name__} array on this backend; got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise TypeError(f"{name} must be {np.dtype(dtype).name}; got {a.dtype} (convert once, e.g. with "
+                        "kernel_reference / kernel_images)")
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(a.shape)}; expected {tuple(shape)}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (xp.ascontiguousarray)")
+
+
+def _inline(path: Path, folder: Path, seen: set) -> str:
+    seen.add(path.name)
+
+    def include(match: re.Match) -> str:
+        header = match.group(1)
+        if header in seen:
+            return f"// {header} already inlined"
+        hpath = folder / header
+        if not hpath.is_file():
+            raise FileNotFoundError(f"{path.name} includes {header!r}, which is not in {folder}")
+        return f'#line 1 "{header}"\n{_inline(hpath, folder, seen)}\n'
+
+    out = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        m = _INCLUDE.match(line)
+        if m:
+            out.append(include(m))
+            out.append(f'#line {lineno + 1} "{path.name}"')
+        else:
+            out.append(line)
+    return "\n".join(out)
+
+
+@lru_cache(maxsize=None)
+def _compiler_version(cxx: str) -> str:
+    proc = subprocess.run([cxx, "--version"], capture_output=True, text=True)
+    return f"{cxx}\n{proc.stdout}"
+
+
+@lru_cache(maxsize=None)
+def _load_cdll(path: str) -> ctypes.CDLL:
+    return ctypes.CDLL(path)          # keyed by the content-hash path: one load per build
+
+
+@lru_cache(maxsize=None)
+def _gpu_function(module: str, kernel: str, kernel_dir):
+    return gpu_module(module, kernel_dir).get_function(kernel)
+
+
+def _ctypes_arg(a):
+    if isinstance(a, np.ndarray):
+        if not a.flags.c_contiguous:
+            raise ValueError("kernel arrays must be C-contiguous")
+        return ctypes.c_void_p(a.ctypes.data)
+    if isinstance(a, np.int32):
+        return ctypes.c_int32(int(a))
+    if isinstance(a, np.int64):
+        return ctypes.c_int64(int(a))
+    if isinstance(a, np.float32):
+        return ctypes.c_float(float(a))
+    if isinstance(a, np.float64):
+        return ctypes.c_double(float(a))
+    raise TypeError(f"kernel argument of type {type(a).__name__}: pass a numpy array or a numpy scalar "
+                    "(np.int32, np.int64, np.float32, np.float64)")

@@ -1,0 +1,334 @@
+"""The local_ali3d driver: iterations, chunks, reconstructions, alignment, outputs. It owns no numerics.
+
+Per iteration and chunk (spec/local_ali3d.md): optionally centre the data (center -1), reconstruct two half maps
+and the full map (:mod:`gpu_ali3d.reconstruct`), FSC inside the mask (:mod:`gpu_ali3d.resolution`), prepare the
+reference with the user function (:mod:`gpu_ali3d.user_functions`), then refine the poses of the chunk's images
+by the batched simplex (:mod:`gpu_ali3d.simplex`) on the Fourier-space objective (:mod:`gpu_ali3d.score`,
+:mod:`gpu_ali3d.gridding`). The last iteration only reconstructs.
+
+Deliberate differences from SPARX, each stated where it happens: the simplex runs over all five parameters at
+once (SPARX: three angles, shifts by a CCF peak search inside each evaluation); the objective is evaluated in
+Fourier space up to the current resolution (the tanh filter's cut-off plus its fall-off, as RELION limits its
+search to the current resolution), not up to Nyquist; half sets follow ``rlnRandomSubset`` when the input has it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .geometry import POSE_COLUMNS, angular_distance, euler_from_matrix, rotation_matrix, shift_distance
+from .io.atomic import atomic_path
+from .io.formats import read_stack, read_volume, stack_format, write_stack, write_volume
+from .io.stack import ParticleStack
+from .options import RefineOptions
+
+log = logging.getLogger("gpu_ali3d")
+
+#: Images per call of the batched simplex: bounds memory and gives the progress bar its steps.
+ALIGN_BATCH = 256
+
+
+@dataclass
+class IterationRecord:
+    """One line of summary.json: what an iteration (or chunk) did."""
+    iteration: int
+    chunk: int
+    criterion_before: float | None = None
+    criterion_after: float | None = None
+    fsc05_A: float | None = None
+    fsc0143_A: float | None = None
+    tanh_cutoff: float | None = None
+    kmax_px: float | None = None
+    mean_angle_change_deg: float | None = None
+    mean_shift_change_px: float | None = None
+    wall_s: float = 0.0
+
+
+@dataclass
+class RefineResult:
+    """What local_ali3d returns: final poses (n, 5) in gpu-ali3d's convention and the per-iteration records."""
+    poses: np.ndarray
+    records: list[IterationRecord] = field(default_factory=list)
+    outdir: Path | None = None
+
+
+def local_ali3d(stack, outdir, maskfile=None, *, options: RefineOptions | None = None, progress: bool = True,
+                **overrides) -> RefineResult:
+    """Local refinement of particle poses, SPARX ``local_ali3d`` semantics (options: :class:`RefineOptions`).
+
+    stack : path of a particle stack (.hdf, .star, .cs) or a :class:`ParticleStack`. Never modified.
+    outdir : output directory; must not exist (it is created).
+    maskfile : 3-D mask (.hdf/.mrc) of the box size, or None for a sphere of radius ou.
+    options / overrides : a RefineOptions, or its fields as keyword arguments (``ou=28, maxit=3, ...``).
+    Writes vol/volf/resolution files per iteration and chunk, params_%03d.txt, particles.star, a refined copy of
+    the stack in its own format, log.txt, summary.json and fsc.png (README: outputs).
+    """
+    opts = options if options is not None else RefineOptions(**overrides)
+    if options is not None and overrides:
+        raise TypeError("give either options= or keyword overrides, not both")
+    if opts.device == "gpu":
+        raise NotImplementedError("--device gpu: the CUDA path is not in this version; use --device cpu")
+    outdir = Path(outdir)
+    if outdir.exists():
+        raise FileExistsError(f"{outdir}: output directory already exists; choose a new name")
+    source_path = None
+    if not isinstance(stack, ParticleStack):
+        source_path = Path(stack)
+        stack = read_stack(source_path)
+    box = stack.box
+    ou = opts.outer_radius(box)
+    if opts.CTF and stack.ctf is None:
+        raise ValueError("--CTF given but the stack has no CTF parameters")
+    mask = _mask(maskfile, box, ou)
+    half = _half_sets(stack)
+    ctf = stack.ctf if opts.CTF else None
+
+    outdir.mkdir(parents=True)
+    handler = logging.FileHandler(outdir / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        return _run(stack, source_path, outdir, opts, ou, mask, half, ctf, progress)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+# ----------------------------------------------------------------------------------------------------- driver
+def _run(stack, source_path, outdir, opts, ou, mask, half, ctf, progress) -> RefineResult:
+    from .user_functions import load_user_function
+
+    user_function = load_user_function(opts.function)
+    n, box, apix = len(stack), stack.box, stack.apix_A
+    _say(f"gpu-ali3d local refinement: {n} particles, box {box}, {apix:g} A/px, ou {ou}, delta {opts.delta:g}, "
+         f"ts {opts.ts:g}, maxit {opts.maxit}, chunk {opts.chunk:g}, CTF {'on' if ctf is not None else 'off'}, "
+         f"sym {opts.sym}, interpolation {opts.interpolation}")
+    _say(f"memory estimate: {memory_estimate_bytes(n, box, opts) / 2**20:.0f} MiB")
+    images = stack.read_images()
+    poses = stack.poses.copy()
+    chunks = _chunks(n, opts.chunk)
+    records: list[IterationRecord] = []
+    curves = []
+    for iteration in range(opts.maxit + 1):
+        last = iteration == opts.maxit
+        for ic, members in enumerate(chunks):
+            t0 = time.perf_counter()
+            rec = IterationRecord(iteration, ic)
+            if opts.center == -1:
+                poses = centre_data(poses)
+            volf, curve, (cutoff, falloff) = _reference(images, poses, half, ctf, apix, mask, opts, user_function,
+                                                        outdir, iteration, ic)
+            curves.append((iteration, ic, curve))
+            rec.fsc05_A, rec.fsc0143_A = _resolutions(curve, apix)
+            rec.tanh_cutoff = cutoff
+            if not last:
+                old = poses[members].copy()
+                new, before, after, kmax = _align(images[members], old, volf, ctf[members] if ctf is not None else None,
+                                                  apix, ou, opts, cutoff, falloff, progress,
+                                                  f"iteration {iteration + 1}/{opts.maxit}")
+                poses[members] = new
+                rec.kmax_px = kmax
+                rec.criterion_before, rec.criterion_after = float(before.mean()), float(after.mean())
+                rec.mean_angle_change_deg = float(angular_distance(old, new).mean())
+                rec.mean_shift_change_px = float(shift_distance(old, new).mean())
+                if opts.debug:
+                    _write_debug(outdir, iteration, ic, members, old, new, before, after)
+            rec.wall_s = time.perf_counter() - t0
+            records.append(rec)
+            _say(_summary_line(rec, opts.maxit))
+        if not last:
+            _write_params(outdir / f"params_{iteration:03d}.txt", poses)
+        _write_json(outdir / "summary.json", [asdict(r) for r in records])
+    _plot_fsc(outdir / "fsc.png", curves, apix)
+    refined = ParticleStack(images=stack.images, poses=poses, apix_A=stack.apix_A, ctf=stack.ctf,
+                            image_refs=stack.image_refs, meta=stack.meta)
+    write_stack(refined, outdir / "particles.star")
+    if source_path is not None and stack_format(source_path) != "star":
+        write_stack(refined, outdir / f"refined{source_path.suffix}")
+    _say(f"done: final poses in {outdir / 'particles.star'}")
+    return RefineResult(poses=poses, records=records, outdir=outdir)
+
+
+def _reference(images, poses, half, ctf, apix, mask, opts, user_function, outdir, iteration, ic):
+    """Half maps, masked FSC, full map and the user function's reference; writes vol, volf and resolution."""
+    from .reconstruct import reconstruct_halves
+    from .resolution import fit_tanh, fsc_mask, fsc_text
+
+    even, odd, full = reconstruct_halves(images, poses, half=half, ctf=ctf, apix_A=apix, snr=opts.snr, sym=opts.sym,
+                                         npad=opts.npad)
+    curve = fsc_mask(even, odd, mask)
+    tag = f"{iteration:03d}_{ic:03d}"
+    with atomic_path(outdir / f"resolution{tag}") as tmp:
+        tmp.write_text(fsc_text(curve))
+    write_volume(outdir / f"vol{tag}.hdf", full.astype(np.float32), apix)
+    volf, _centre = user_function([mask, opts.center if opts.center == 1 else 0, full, curve])
+    volf = np.asarray(volf, dtype=np.float64)
+    write_volume(outdir / f"volf{tag}.hdf", volf.astype(np.float32), apix)
+    return volf, curve, fit_tanh(curve)
+
+
+def _align(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, progress, label):
+    """Refine the poses of some images against one reference: returns (new poses, score before, score after,
+    kmax in padded-grid units)."""
+    from tqdm import tqdm
+
+    from .gridding import prepare_reference
+    from .score import prepare_images, score
+    from .simplex import SPARX_SERIAL, amoeba_batched, local_ali3d_scales
+
+    ref = prepare_reference(volf, pad=2, interpolation=opts.interpolation)
+    kmax = ref.N * min(0.5, cutoff + falloff)          # current resolution (tanh cut-off plus fall-off), padded units
+    new = np.empty_like(poses)
+    before = np.empty(len(poses))
+    after = np.empty(len(poses))
+    batches = range(0, len(poses), ALIGN_BATCH)
+    for start in tqdm(batches, desc=label, unit="batch", disable=not progress, leave=False):
+        sl = slice(start, min(start + ALIGN_BATCH, len(poses)))
+        prep = prepare_images(images[sl], ou, ctf=ctf[np.arange(sl.start, sl.stop)] if ctf is not None else None,
+                              apix_A=apix, kmax=kmax)
+
+        def objective(points, owner):
+            return score(ref, prep, points, image_index=owner)
+
+        x0 = poses[sl]
+        before[sl] = objective(x0, np.arange(len(x0)))
+        scales = local_ali3d_scales(x0[:, 1], opts.delta, opts.ts)
+        best, fbest, _steps = amoeba_batched(objective, x0, scales, **SPARX_SERIAL)
+        # the simplex may leave a worse point than the start only if the start was never its best vertex;
+        # keep whichever is better, as SPARX keeps the old parameters when nothing improved
+        worse = fbest < before[sl]
+        best[worse], fbest[worse] = x0[worse], before[sl][worse]
+        new[sl] = normalise_poses(best)
+        after[sl] = fbest
+    return new, before, after, kmax
+
+
+# --------------------------------------------------------------------------------------------- pose helpers
+def normalise_poses(poses: np.ndarray) -> np.ndarray:
+    """Same rotations, angles brought to SPIDER's ranges (phi, psi in [0, 360), theta in [0, 180])."""
+    out = np.asarray(poses, dtype=np.float64).copy()
+    out[:, 0], out[:, 1], out[:, 2] = euler_from_matrix(rotation_matrix(out[:, 0], out[:, 1], out[:, 2]))
+    return out
+
+
+def centre_data(poses: np.ndarray) -> np.ndarray:
+    """center = -1: remove the average 3-D centre of the data from every image's shift.
+
+    The 2-D shifts (sx, sy) are fitted, by least squares, as the projections ``(R_i t)[:2]`` of one 3-D offset t of
+    the map (pixels); t is then removed from every image. A pure global offset is removed exactly, and images
+    spread over many directions make the fit well-posed, so repeated centring does not drift (t ~ 0 once centred).
+    """
+    r = rotation_matrix(poses[:, 0], poses[:, 1], poses[:, 2])[:, :2, :]      # (n, 2, 3)
+    t, *_ = np.linalg.lstsq(r.reshape(-1, 3), poses[:, 3:5].reshape(-1), rcond=None)
+    out = poses.copy()
+    out[:, 3:5] -= r @ t
+    return out
+
+
+def memory_estimate_bytes(n: int, box: int, opts: RefineOptions) -> int:
+    """Host memory the reference path needs: images, three padded Fourier accumulators, the prepared reference
+    and one alignment batch of prepared images (float64/complex128)."""
+    npad_box = opts.npad * box
+    images = n * box * box * 4
+    accumulators = 3 * npad_box ** 2 * (npad_box // 2 + 1) * (16 + 8)
+    reference = (2 * box + 7) ** 2 * (box + 7) * 16
+    batch = min(n, ALIGN_BATCH) * (2 * box) ** 2 // 2 * (16 + 8)
+    return images + accumulators + reference + batch
+
+
+# ---------------------------------------------------------------------------------------------- small pieces
+def _mask(maskfile, box: int, ou: int) -> np.ndarray:
+    from .resolution import sphere_mask
+
+    if maskfile is None:
+        return sphere_mask(box, ou)
+    mask, _ = read_volume(maskfile)
+    if mask.shape != (box,) * 3:
+        raise ValueError(f"{maskfile}: mask of shape {mask.shape} does not fit the {box}-pixel box")
+    return mask.astype(np.float64)
+
+
+def _half_sets(stack: ParticleStack) -> np.ndarray:
+    """0/1 per particle: rlnRandomSubset - 1 when the input has a valid one, else index parity (SPARX)."""
+    subset = stack.meta.get("rlnRandomSubset")
+    if subset is not None:
+        s = np.asarray(subset).astype(np.int64) - 1
+        if np.isin(s, (0, 1)).all() and 0 < s.sum() < len(s):
+            return s
+    return np.arange(len(stack)) % 2
+
+
+def _chunks(n: int, chunk: float) -> list[np.ndarray]:
+    """Contiguous blocks of particles, each about chunk * n of them (SPARX rebuilds the map after each)."""
+    n_chunks = max(1, int(round(1.0 / chunk)))
+    return [b for b in np.array_split(np.arange(n), n_chunks) if len(b)]
+
+
+def _resolutions(curve, apix: float) -> tuple[float, float]:
+    from .resolution import fsc_resolution
+
+    return (fsc_resolution(curve.freq, curve.fsc, 0.5, apix_A=apix).resolution_A,
+            fsc_resolution(curve.freq, curve.fsc, 0.143, apix_A=apix).resolution_A)
+
+
+def _summary_line(rec: IterationRecord, maxit: int) -> str:
+    head = f"iteration {rec.iteration + 1}/{maxit + 1} chunk {rec.chunk + 1}: FSC 0.5 {rec.fsc05_A:.2f} A, " \
+           f"0.143 {rec.fsc0143_A:.2f} A"
+    if rec.criterion_after is None:
+        return head + f" (final reconstruction), {rec.wall_s:.1f} s"
+    return (head + f", criterion {rec.criterion_before:.4f} -> {rec.criterion_after:.4f}, mean change "
+            f"{rec.mean_angle_change_deg:.3f} deg / {rec.mean_shift_change_px:.3f} px, {rec.wall_s:.1f} s")
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+    log.info(text)
+
+
+def _write_params(path: Path, poses: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        np.savetxt(tmp, poses, fmt="%12.6f", header=" ".join(POSE_COLUMNS) + " (degrees; pixels, SPARX sign)")
+
+
+def _write_json(path: Path, obj) -> None:
+    def clean(x):
+        return None if isinstance(x, float) and not math.isfinite(x) else x
+    text = json.dumps([{k: clean(v) for k, v in r.items()} for r in obj], indent=1)
+    with atomic_path(path, overwrite=True) as tmp:
+        tmp.write_text(text)
+
+
+def _write_debug(outdir, iteration, ic, members, old, new, before, after) -> None:
+    """--debug: per-image old and new parameters and criterion, appended to progress.txt."""
+    with open(outdir / "progress.txt", "a") as f:
+        for i, o, p, b, a in zip(members, old, new, before, after):
+            f.write(f"{iteration:3d} {ic:3d} {i:7d}  old " + " ".join(f"{v:10.4f}" for v in o) + f"  {b:.6f}"
+                    "  new " + " ".join(f"{v:10.4f}" for v in p) + f"  {a:.6f}\n")
+
+
+def _plot_fsc(path: Path, curves, apix: float) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for iteration, ic, curve in curves:
+        label = f"iteration {iteration + 1}" + (f" chunk {ic + 1}" if ic else "")
+        ax.plot(np.asarray(curve.freq) / apix, curve.fsc, label=label)
+    ax.axhline(0.143, color="grey", lw=0.5)
+    ax.axhline(0.5, color="grey", lw=0.5)
+    ax.set_xlabel("spatial frequency (1/A)")
+    ax.set_ylabel("FSC (half maps, masked)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)

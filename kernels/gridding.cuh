@@ -1,0 +1,177 @@
+// gridding.cuh: Kaiser-Bessel / trilinear interpolation of a prepared reference, poses, shift phase: DEVICE
+// functions shared by the kernels. The numpy reference is gpu_ali3d/gridding.py; every function here names the
+// function it mirrors, and uses the same formula (float32 data, float64 where rounding would move a tap).
+#ifndef GPU_ALI3D_GRIDDING_CUH
+#define GPU_ALI3D_GRIDDING_CUH
+#include "portable.cuh"
+
+#define INTERP_KB 0
+#define INTERP_TRILINEAR 1
+// Terms of the power series of the Kaiser-Bessel window (kb_window_init); exact to float rounding for beta <= 16
+// (the launch wrappers check; SPARX's K = 6, alpha = 1.75, pad = 2 give beta = 8.25).
+#define KB_TERMS 28
+#define KB_MAX_BETA 16.0
+// Largest tap count handled by the generic (run-time taps) interpolation.
+#define MAX_TAPS 16
+
+// The normalised KB window I0(beta sqrt(t)) / I0(beta), t = 1 - (d / half)^2, as a polynomial in t:
+//   sum_k c[k] t^k,  c[k] = (beta^2 / 4)^k / (k!)^2 / I0(beta)
+// (the series of I0; every term is positive, so float32 Horner evaluation is accurate to a few ulp).
+struct kb_window {
+    float c[KB_TERMS];
+    double half;        // K / 2, padded-grid samples
+};
+
+// gridding.kb_weights' parameters: width = K taps, beta = kb_beta(K, alpha, pad) (computed by the host).
+DEVICE void kb_window_init(kb_window *w, double beta, int width) {
+    const double q = 0.25 * beta * beta;
+    double term = 1.0, i0 = 0.0, terms[KB_TERMS];
+    for (int k = 0; k < KB_TERMS; ++k) {
+        if (k > 0) term *= q / ((double)k * (double)k);
+        terms[k] = term;
+    }
+    for (int k = KB_TERMS - 1; k >= 0; --k) i0 += terms[k];   // smallest first
+    for (int k = 0; k < KB_TERMS; ++k) w->c[k] = (float)(terms[k] / i0);
+    w->half = 0.5 * width;
+}
+
+// gridding.kb_weights: one axis's weight at distance d (padded-grid samples); 0 unless |d| < K/2.
+DEVICE float kb_weight(const kb_window *w, double d) {
+    if (!(fabs(d) < w->half)) return 0.0f;
+    const float r = (float)(d / w->half);
+    const float t = 1.0f - r * r;
+    float acc = w->c[KB_TERMS - 1];
+    for (int k = KB_TERMS - 2; k >= 0; --k) acc = acc * t + w->c[k];
+    return acc;
+}
+
+// The hat window of trilinear interpolation (gridding._interpolate, "trilinear"): max(0, 1 - |d|).
+DEVICE float hat_weight(double d) {
+    const double a = 1.0 - fabs(d);
+    return a > 0.0 ? (float)a : 0.0f;
+}
+
+// Geometry of PreparedReference.data, complex64 (D, D, Dx), axes (z, y, x), D = N + 2h + 1, Dx = N/2 + 1 + 2h:
+// data[N/2 + h + u_z, N/2 + h + u_y, h + u_x] = F_pad(u_x, u_y, u_z).
+struct ref_layout {
+    long long stride_z, stride_y, origin;    // element strides; flat index of u = (0, 0, 0)
+};
+
+DEVICE ref_layout make_ref_layout(int n, int halo) {
+    ref_layout g;
+    const long long d = n + 2 * halo + 1, dx = n / 2 + 1 + 2 * halo;
+    g.stride_y = dx;
+    g.stride_z = d * dx;
+    g.origin = (long long)(n / 2 + halo) * g.stride_z + (long long)(n / 2 + halo) * g.stride_y + halo;
+    return g;
+}
+
+// gridding._interpolate at one point u = (ux, uy, uz) (padded-grid units, |u| <= N/2): separable interpolation
+// with `taps` taps per axis (TAPS > 0 fixes it at compile time; TAPS = 0 reads `taps`, at most MAX_TAPS).
+// A point with ux < 0 is replaced by -u and the result conjugated (Friedel). Taps of an axis: j = first + t,
+// first = floor(u - taps/2) + 1, weight window(u - j); all are plain reads inside the halo. Contraction order
+// x, then y, then z, as the reference's einsum.
+// The 3 * nt tap weights of a point, wt[a * NT + t] for axis a (x, y, z) and tap t, distance d = u_a - (j_a + t).
+// Kaiser-Bessel: the Horner loop runs over the terms outside and the lanes inside, so it vectorises (CPU) and
+// pipelines (GPU); it is the bulk of the work of an interpolation.
+template <int NT>
+DEVICE void tap_weights(int nt, int kind, const kb_window *w, const double *u, const long long *j, float *wt) {
+    if (kind != INTERP_KB) {
+        for (int a = 0; a < 3; ++a)
+            for (int t = 0; t < nt; ++t) wt[a * NT + t] = hat_weight(u[a] - (double)(j[a] + t));
+        return;
+    }
+    float tt[3 * NT];
+    for (int i = 0; i < 3 * NT; ++i) tt[i] = -1.0f;            // lanes t >= nt of the generic (TAPS = 0) form
+    for (int a = 0; a < 3; ++a)
+        for (int t = 0; t < nt; ++t) {
+            const double d = u[a] - (double)(j[a] + t);
+            const float r = (float)(d / w->half);
+            // |d| >= K/2 (outside the window): t = -1 marks the lane, zeroed below
+            tt[a * NT + t] = fabs(d) < w->half ? 1.0f - r * r : -1.0f;
+        }
+    float acc[3 * NT];
+    for (int i = 0; i < 3 * NT; ++i) acc[i] = w->c[KB_TERMS - 1];
+    for (int k = KB_TERMS - 2; k >= 0; --k) {
+        const float ck = w->c[k];
+        for (int i = 0; i < 3 * NT; ++i) acc[i] = acc[i] * tt[i] + ck;
+    }
+    for (int i = 0; i < 3 * NT; ++i) wt[i] = tt[i] >= 0.0f ? acc[i] : 0.0f;
+}
+
+// gridding._interpolate at one point u = (ux, uy, uz) (padded-grid units, |u| <= N/2): separable interpolation
+// with `taps` taps per axis (TAPS > 0 fixes it at compile time; TAPS = 0 reads `taps`, at most MAX_TAPS).
+// A point with ux < 0 is replaced by -u and the result conjugated (Friedel). Taps of an axis: j = first + t,
+// first = floor(u - taps/2) + 1, weight window(u - j); all are plain reads inside the halo. Contraction order
+// x, then y, then z, as the reference's einsum.
+template <int TAPS>
+DEVICE cfloat interpolate(const cfloat *data, ref_layout g, int taps, int kind, const kb_window *w,
+                          double ux, double uy, double uz) {
+    const int NT = TAPS > 0 ? TAPS : MAX_TAPS;
+    const int nt = TAPS > 0 ? TAPS : taps;
+    const bool flip = ux < 0.0;
+    if (flip) { ux = -ux; uy = -uy; uz = -uz; }
+    const double half = 0.5 * nt;
+    const double u[3] = {ux, uy, uz};
+    const long long jj[3] = {(long long)floor(ux - half) + 1, (long long)floor(uy - half) + 1,
+                             (long long)floor(uz - half) + 1};
+    const long long jx = jj[0], jy = jj[1], jz = jj[2];
+    float wt[3 * NT];
+    tap_weights<NT>(nt, kind, w, u, jj, wt);
+    const float *wx = wt, *wy = wt + NT, *wz = wt + 2 * NT;
+    const cfloat *base = data + g.origin + jz * g.stride_z + jy * g.stride_y + jx;
+    float re = 0.0f, im = 0.0f;
+    for (int tz = 0; tz < nt; ++tz) {
+        float yre = 0.0f, yim = 0.0f;
+        for (int ty = 0; ty < nt; ++ty) {
+            const cfloat *row = base + tz * g.stride_z + ty * g.stride_y;
+            float xre = 0.0f, xim = 0.0f;
+            for (int tx = 0; tx < nt; ++tx) {
+                const cfloat v = row[tx];
+                xre += wx[tx] * v.re;
+                xim += wx[tx] * v.im;
+            }
+            yre += wy[ty] * xre;
+            yim += wy[ty] * xim;
+        }
+        re += wz[tz] * yre;
+        im += wz[tz] * yim;
+    }
+    return cmake(re, flip ? -im : im);
+}
+
+// interpolate<> with the common tap counts compiled in (K = 6 Kaiser-Bessel, 2 trilinear, 4, 8), else generic.
+DEVICE cfloat interpolate_any(const cfloat *data, ref_layout g, int taps, int kind, const kb_window *w,
+                              double ux, double uy, double uz) {
+    switch (taps) {
+        case 6: return interpolate<6>(data, g, taps, kind, w, ux, uy, uz);
+        case 2: return interpolate<2>(data, g, taps, kind, w, ux, uy, uz);
+        case 4: return interpolate<4>(data, g, taps, kind, w, ux, uy, uz);
+        case 8: return interpolate<8>(data, g, taps, kind, w, ux, uy, uz);
+        default: return interpolate<0>(data, g, taps, kind, w, ux, uy, uz);
+    }
+}
+
+// geometry.rotation_matrix: SPIDER/SPARX ZYZ angles (degrees) -> R, row-major r[3 i + j] = R[i, j].
+// A projection samples the reference at R^T k: u_j = R[0, j] kx + R[1, j] ky.
+DEVICE void rotation_zyz(double phi_deg, double theta_deg, double psi_deg, double *r) {
+    const double d2r = 3.14159265358979323846 / 180.0;
+    const double cf = cos(phi_deg * d2r), sf = sin(phi_deg * d2r);
+    const double ct = cos(theta_deg * d2r), st = sin(theta_deg * d2r);
+    const double cp = cos(psi_deg * d2r), sp = sin(psi_deg * d2r);
+    r[0] = cp * ct * cf - sp * sf;   r[1] = cp * ct * sf + sp * cf;    r[2] = -cp * st;
+    r[3] = -sp * ct * cf - cp * sf;  r[4] = -sp * ct * sf + cp * cf;   r[5] = sp * st;
+    r[6] = st * cf;                  r[7] = st * sf;                   r[8] = ct;
+}
+
+// gridding._shift_phase: exp(+2 pi i (kx sx + ky sy) / N), given sx_n = sx / N and sy_n = sy / N (cycles per
+// padded-grid unit). The phase in cycles is reduced to [-1/2, 1/2] in float64 before the float32 sincos.
+DEVICE cfloat shift_phase(double kx, double ky, double sx_n, double sy_n) {
+    double t = kx * sx_n + ky * sy_n;
+    t -= floor(t + 0.5);
+    float s, c;
+    sincos_f((float)(6.283185307179586 * t), &s, &c);
+    return cmake(c, s);
+}
+
+#endif  // GPU_ALI3D_GRIDDING_CUH

@@ -1,0 +1,142 @@
+"""kernels/score.cu against the numpy reference (gpu_ali3d.score, path="reference") on seeded random inputs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpu_ali3d import gridding, kernels, score
+from gpu_ali3d.backend import Backend, make_backend
+from gpu_ali3d.ctf import CTFParams
+from gpu_ali3d.geometry import rotation_matrix
+
+# Score tolerance. The kernel interpolates in float32 (216 taps of O(1) relative weight: ~1e-7 relative error per
+# sample, uncorrelated across samples) and accumulates in float64; measured max |difference| 2e-8 at M = 32..64.
+# 1e-5 relative (float32 epsilon x ~100) leaves room for the GPU's different summation order; atol covers scores
+# that happen to be near 0, where the same absolute error is a large relative one.
+RTOL, ATOL = 1e-5, 1e-7
+
+
+@pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def backend(request, tmp_path_factory, monkeypatch) -> Backend:
+    monkeypatch.setenv("GPU_ALI3D_CACHE", str(tmp_path_factory.getbasetemp() / "kernel-cache"))
+    return make_backend(request.param)
+
+
+def _problem(rng, M, n_img, n_pairs, *, interpolation="kb", kb_width=6, with_ctf=True, kmax_frac=None):
+    """A smooth random map in a sphere, noisy CTF projections of it at random poses, perturbed poses to score."""
+    vol = rng.standard_normal((M, M, M))
+    f = np.meshgrid(np.fft.fftfreq(M), np.fft.fftfreq(M), np.fft.rfftfreq(M), indexing="ij")
+    vol = np.fft.irfftn(np.fft.rfftn(vol) * np.exp(-sum(a ** 2 for a in f) / (2 * 0.15 ** 2)), s=vol.shape,
+                        axes=(0, 1, 2))
+    c = np.arange(M) - M // 2
+    vol *= (c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2) < (M // 2 - 3) ** 2
+    ref = gridding.prepare_reference(vol, interpolation=interpolation, kb_width=kb_width)
+    true = np.column_stack([rng.uniform(0, 360, n_img), rng.uniform(0, 180, n_img), rng.uniform(0, 360, n_img),
+                            rng.uniform(-3, 3, (n_img, 2))])
+    ctf = None
+    if with_ctf:
+        ctf = CTFParams(defocus_u_A=rng.uniform(8000, 20000, n_img), defocus_v_A=rng.uniform(8000, 20000, n_img),
+                        astig_angle_deg=rng.uniform(0, 180, n_img), voltage_kV=300.0, cs_mm=2.7,
+                        amp_contrast=0.1, bfactor_A2=rng.uniform(0, 50, n_img))
+    images = gridding.project_reference(ref, true, ctf=ctf, apix_A=2.0)
+    images += rng.standard_normal(images.shape) * images.std()
+    # kmax just below N/2 by default: the reference decides the two samples with |k| = N/2 exactly by the rounding
+    # of |R^T k|^2 <= (N/2)^2 (a 1e-5-sized, pose-dependent difference); the kernel tests |k| exactly.
+    kmax = ref.N / 2 * (kmax_frac if kmax_frac is not None else 1.0) - 1e-6
+    prep = score.prepare_images(images, ou=M // 2 - 2, ctf=ctf, apix_A=2.0, kmax=kmax)
+    idx = rng.integers(0, n_img, n_pairs)
+    poses = true[idx] + np.column_stack([rng.normal(0, 5, (n_pairs, 3)), rng.normal(0, 1.5, (n_pairs, 2))])
+    return ref, prep, poses, idx
+
+
+def _reference_power(ref, prep, poses, idx):
+    """sum_k w |P_k|^2 per pair in float64 (score.py's ppow), to check the kernel's absolute scale."""
+    kx, ky = prep.freqs.T
+    rot = rotation_matrix(poses[:, 0], poses[:, 1], poses[:, 2])
+    u = rot[:, None, 0, :] * kx[None, :, None] + rot[:, None, 1, :] * ky[None, :, None]
+    proj = gridding.sample_reference(ref, u)
+    if prep.ctf is not None:
+        proj *= prep.ctf[idx]
+    return np.einsum("s,bs->b", prep.weights, np.abs(proj) ** 2)
+
+
+def _run(backend, ref, prep, poses, idx):
+    """Kernel sums into a NaN-poisoned output (every element must be written), then the score."""
+    xp = backend.xp
+    kref = kernels.kernel_reference(backend, ref)
+    kimg = kernels.kernel_images(backend, prep)
+    p = xp.asarray(poses, dtype=np.float64)
+    i = xp.asarray(idx, dtype=np.int64)
+    out = xp.full((len(poses), 2), np.nan)
+    sums = kernels.score_sums(backend, kref, kimg, p, i, out=out)
+    assert sums is out
+    sums = backend.to_host(sums)
+    assert np.all(np.isfinite(sums)), "kernel left output elements unwritten"
+    s = backend.to_host(kernels.score_kernel(backend, kref, kimg, p, i))
+    return s, sums
+
+
+@pytest.mark.parametrize("M", [32, 33])
+@pytest.mark.parametrize("n_pairs", [1, 300])
+def test_score_parity(backend, M, n_pairs):
+    rng = np.random.default_rng(100 * M + n_pairs)
+    ref, prep, poses, idx = _problem(rng, M, 12, n_pairs)
+    expected = score.score(ref, prep, poses, image_index=idx, path="reference")
+    got, sums = _run(backend, ref, prep, poses, idx)
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+    # the absolute scale (a common factor on P cancels in the score): float32 interpolation, same tolerance
+    np.testing.assert_allclose(sums[:, 1], _reference_power(ref, prep, poses, idx), rtol=RTOL)
+    assert n_pairs == 1 or np.ptp(expected) > 0.2          # the test scores a real spread of values
+
+
+@pytest.mark.parametrize("case", [
+    dict(with_ctf=False),
+    dict(kmax_frac=0.6),
+    dict(interpolation="trilinear"),
+    dict(kb_width=5),                       # odd width: the generic (run-time taps) path
+    dict(kb_width=8),
+])
+def test_score_parity_options(backend, case):
+    rng = np.random.default_rng(7)
+    ref, prep, poses, idx = _problem(rng, 32, 6, 60, **case)
+    expected = score.score(ref, prep, poses, image_index=idx, path="reference")
+    got, sums = _run(backend, ref, prep, poses, idx)
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(sums[:, 1], _reference_power(ref, prep, poses, idx), rtol=RTOL)
+
+
+def test_score_parity_m64(backend):
+    rng = np.random.default_rng(64)
+    ref, prep, poses, idx = _problem(rng, 64, 8, 40)
+    expected = score.score(ref, prep, poses, image_index=idx, path="reference")
+    got, _ = _run(backend, ref, prep, poses, idx)
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_score_kernel_pairs_pose_i_with_image_i(backend):
+    rng = np.random.default_rng(3)
+    ref, prep, poses, _ = _problem(rng, 32, 5, 5)
+    expected = score.score(ref, prep, poses, path="reference")
+    got = backend.to_host(kernels.score_kernel(backend, ref, prep, poses))
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_score_sums_checks_arguments():
+    backend = make_backend("cpu")
+    rng = np.random.default_rng(5)
+    ref, prep, poses, idx = _problem(rng, 32, 3, 4)
+    kref, kimg = kernels.kernel_reference(backend, ref), kernels.kernel_images(backend, prep)
+    p, i = np.ascontiguousarray(poses), idx.astype(np.int64)
+    with pytest.raises(TypeError, match="poses must be float64"):
+        kernels.score_sums(backend, kref, kimg, p.astype(np.float32), i)
+    with pytest.raises(TypeError, match="image_index must be int64"):
+        kernels.score_sums(backend, kref, kimg, p, i.astype(np.int32))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kernels.score_sums(backend, kref, kimg, np.asfortranarray(p), i)
+    with pytest.raises(ValueError, match="out of range"):
+        kernels.score_sums(backend, kref, kimg, p, i + 10)
+    with pytest.raises(ValueError, match="image_index has shape"):
+        kernels.score_sums(backend, kref, kimg, p, i[:2])
+    bad = kernels.KernelImages(kimg.freqs, kimg.weights, prep.data, kimg.ctf, kimg.power, kimg.N)
+    with pytest.raises(TypeError, match="data must be complex64"):
+        kernels.score_sums(backend, kref, bad, p, i)
