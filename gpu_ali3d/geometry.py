@@ -79,6 +79,22 @@ def projection_direction(phi, theta) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- other programs
+def as_poses(poses, n: int | None = None) -> np.ndarray:
+    """Validated float64 poses (n, 5) [phi, theta, psi, sx, sy]; a single pose (5,) becomes (1, 5).
+
+    n : the number of poses required (one per image), or None for any. ValueError for a wrong shape or NaN/inf.
+    """
+    p = np.asarray(poses, dtype=np.float64)
+    if p.shape == (5,):
+        p = p[None]
+    if p.ndim != 2 or p.shape[1] != 5 or (n is not None and len(p) != n):
+        want = f"({n}, 5)" if n is not None else "(n, 5)"
+        raise ValueError(f"poses must have shape {want} [{', '.join(POSE_COLUMNS)}]; got {np.shape(poses)}")
+    if not np.all(np.isfinite(p)):
+        raise ValueError("poses contain NaN or inf")
+    return p
+
+
 def relion_to_spider(rot, tilt, psi, origin_x_A, origin_y_A, apix_A: float) -> np.ndarray:
     """RELION 3.1 pose columns -> gpu-ali3d poses (n, 5).
 

@@ -39,7 +39,7 @@ import numpy as np
 from scipy.special import i0
 
 from .ctf import CTFParams, ctf_grid
-from .geometry import rotation_matrix
+from .geometry import as_poses, rotation_matrix
 
 #: SPARX prep_vol's gridding parameters.
 PAD = 2
@@ -230,7 +230,7 @@ def central_section(ref: PreparedReference, poses, kmax: float | None = None) ->
     projection by (-sx, -sy). Multiply by ``(-1)^(kx + ky)`` to get ``np.fft.rfft2`` of the padded image.
     Samples with |k| > kmax are 0.
     """
-    p = _as_poses(poses)
+    p = as_poses(poses)
     n = ref.N
     kmax = n / 2 if kmax is None else _check_kmax(kmax)
     kx, ky = section_grid(n)
@@ -258,7 +258,7 @@ def project_reference(ref: PreparedReference, poses, *, ctf: CTFParams | None = 
     Returns float64 (n, M, M), numpy order (y, x), image centre at (M // 2, M // 2): the N x N inverse transform
     cropped to the central M x M (SPARX ``depad``: first pixel N // 2 - M // 2).
     """
-    p = _as_poses(poses)
+    p = as_poses(poses)
     if ctf is not None and len(ctf) not in (1, len(p)):
         raise ValueError(f"ctf has {len(ctf)} entries for {len(p)} poses; give one per pose (or one for all)")
     if not (np.isfinite(apix_A) and apix_A > 0):
@@ -346,14 +346,3 @@ def _check_kmax(kmax) -> float:
     if not (np.isfinite(k) and k > 0):
         raise ValueError(f"kmax must be a positive frequency in padded-grid units (cycles per N pixels); got {kmax}")
     return k
-
-
-def _as_poses(poses) -> np.ndarray:
-    p = np.asarray(poses, dtype=np.float64)
-    if p.shape == (5,):
-        p = p[None]
-    if p.ndim != 2 or p.shape[1] != 5:
-        raise ValueError(f"poses must have shape (n, 5) [phi, theta, psi, sx, sy]; got {np.shape(poses)}")
-    if not np.all(np.isfinite(p)):
-        raise ValueError("poses contain NaN or inf")
-    return p

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from .ctf import CTFParams, ctf_grid
-from .geometry import rotation_matrix
+from .geometry import as_poses, rotation_matrix
 
 #: Non-uniform points per finufft call; bounds the float64/complex128 work arrays to a few hundred MB.
 _POINTS_PER_CALL = 1 << 23
@@ -64,7 +64,7 @@ def project(volume: np.ndarray, poses: np.ndarray, *, ctf: CTFParams | None = No
     if not np.all(np.isfinite(vol)):
         raise ValueError("volume contains NaN or inf voxels")
     m = vol.shape[0]
-    poses = _as_poses(poses)
+    poses = as_poses(poses)
     n = len(poses)
     if ctf is not None and len(ctf) not in (1, n):
         raise ValueError(f"ctf has {len(ctf)} entries for {n} poses; give one per pose (or one for all)")
@@ -133,14 +133,3 @@ def shift_images(images: np.ndarray, shifts_px: np.ndarray) -> np.ndarray:
     phase = np.exp(-2j * np.pi * (kx * d[:, 0, None, None] + ky * d[:, 1, None, None]) / m)
     out = np.fft.irfft2(np.fft.rfft2(imgs) * phase, s=(m, m))
     return out[0] if single else out
-
-
-def _as_poses(poses) -> np.ndarray:
-    p = np.asarray(poses, dtype=np.float64)
-    if p.shape == (5,):
-        p = p[None]
-    if p.ndim != 2 or p.shape[1] != 5:
-        raise ValueError(f"poses must have shape (n, 5) [phi, theta, psi, sx, sy]; got {np.shape(poses)}")
-    if not np.all(np.isfinite(p)):
-        raise ValueError("poses contain NaN or inf")
-    return p

@@ -56,7 +56,7 @@ import numpy as np
 import scipy.fft
 
 from .ctf import CTFParams, ctf_grid
-from .geometry import rotation_matrix
+from .geometry import as_poses, rotation_matrix
 from .symmetry import symmetry_rotations
 
 #: Side of the neighbour box of nn4_ctf's weighting correction, and the growth rate of its weights.
@@ -143,7 +143,7 @@ def slice_transforms(images: np.ndarray, poses: np.ndarray, *, npad: int = 2, ct
     if np.iscomplexobj(imgs) or not np.issubdtype(imgs.dtype, np.number):
         raise TypeError(f"images must be a real array; got dtype {imgs.dtype}")
     n, m = imgs.shape[0], imgs.shape[1]
-    p = _as_poses(poses, n)
+    p = as_poses(poses, n)
     if not isinstance(npad, (int, np.integer)) or npad < 1 or (m * npad) % 2:
         raise ValueError(f"npad={npad!r} must be an integer >= 1 with npad * M even (M={m}); SPARX uses 2")
     if ctf is not None and len(ctf) not in (1, n):
@@ -190,7 +190,7 @@ def insert_transforms(acc: FourierAccumulator, transforms: np.ndarray, weights: 
         raise ValueError(f"transforms have shape {transforms.shape}; expected (n, {n_p}, {half}) for M={acc.M}, "
                          f"npad={acc.npad}")
     n = transforms.shape[0]
-    p = _as_poses(poses, n)
+    p = as_poses(poses, n)
     if ctf != (weights is not None):
         raise ValueError(f"ctf={ctf} but weights are {'given' if weights is not None else 'None'}; CTF-weighted "
                          "slices come with their CTF^2 weights, CTF-free ones with None")
@@ -307,7 +307,7 @@ def _accumulate(images, poses, which: np.ndarray, *, ctf, apix_A, snr, sym, npad
     images = np.asarray(images)
     if images.ndim != 3 or images.shape[1] != images.shape[2]:
         raise ValueError(f"images must be square, shape (n, M, M); got {images.shape}")
-    poses = _as_poses(poses, len(images))
+    poses = as_poses(poses, len(images))
     if ctf is not None and len(ctf) not in (1, len(images)):
         raise ValueError(f"ctf has {len(ctf)} entries for {len(images)} images; give one per image (or one for all)")
     if not isinstance(chunk, (int, np.integer)) or chunk < 1:
@@ -320,15 +320,6 @@ def _accumulate(images, poses, which: np.ndarray, *, ctf, apix_A, snr, sym, npad
     if ctf is not None:
         acc.ctf = True  # an empty half of a CTF data set still finishes as nn4_ctf
     return acc
-
-
-def _as_poses(poses, n: int) -> np.ndarray:
-    p = np.asarray(poses, dtype=np.float64)
-    if p.shape != (n, 5):
-        raise ValueError(f"poses must have shape ({n}, 5) [phi, theta, psi, sx, sy], one per image; got {p.shape}")
-    if not np.all(np.isfinite(p)):
-        raise ValueError("poses contain NaN or inf")
-    return p
 
 
 def _signed(n: int) -> np.ndarray:

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .ctf import CTFParams, evaluate
-from .geometry import rotation_matrix
+from .geometry import as_poses, rotation_matrix
 from .gridding import PAD, PreparedReference, sample_reference, section_grid
 
 #: Width (pixels) of the raised-cosine edge of the 2-D mask: the mask falls from 1 at ou - 1 to 0 at ou + 1.
@@ -192,13 +192,7 @@ def score(ref: PreparedReference, prepared: PreparedImages, poses, *, image_inde
     if (ref.M, ref.N) != (prepared.M, prepared.N):
         raise ValueError(f"reference is M={ref.M}, N={ref.N} but the images are M={prepared.M}, N={prepared.N}; "
                          "prepare both with the same box and pad")
-    p = np.asarray(poses, dtype=np.float64)
-    if p.shape == (5,):
-        p = p[None]
-    if p.ndim != 2 or p.shape[1] != 5:
-        raise ValueError(f"poses must have shape (n, 5) [phi, theta, psi, sx, sy]; got {np.shape(poses)}")
-    if not np.all(np.isfinite(p)):
-        raise ValueError("poses contain NaN or inf")
+    p = as_poses(poses)
     if image_index is None:
         if len(p) != len(prepared):
             raise ValueError(f"{len(p)} poses for {len(prepared)} images: give image_index to pair them")
