@@ -16,7 +16,7 @@ import numpy as np
 from . import __version__
 from .options import DEVICES, INTERPOLATIONS, RefineOptions
 
-USER_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, IsADirectoryError, PermissionError,
+USER_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, IsADirectoryError, PermissionError, RuntimeError,
                NotImplementedError)
 
 

@@ -199,7 +199,8 @@ def sample_reference(ref: PreparedReference, freqs) -> np.ndarray:
         raise ValueError("freqs contain NaN or inf")
     flat = u.reshape(-1, 3)
     out = np.zeros(len(flat), dtype=np.complex128)
-    inside = np.nonzero(np.einsum("pi,pi->p", flat, flat) <= (ref.N / 2) ** 2)[0]
+    # |R.T k| = |k|: allow rounding of the rotation, so samples exactly at Nyquist stay in (as the kernel keeps them)
+    inside = np.nonzero(np.einsum("pi,pi->p", flat, flat) <= (ref.N / 2) ** 2 * (1 + 1e-9))[0]
     block = max(1, _TAPS_PER_BLOCK // ref.taps ** 3)
     for start in range(0, len(inside), block):
         idx = inside[start:start + block]

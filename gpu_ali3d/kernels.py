@@ -29,8 +29,21 @@ from pathlib import Path
 
 import numpy as np
 
-#: The folder of the kernel sources (beside the package in a checkout).
-KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+
+def _find_kernel_dir() -> Path:
+    """The kernel sources: ``gpu_ali3d/_kernels`` in an installed package (wheel, ``pip install .``; pyproject.toml
+    installs the repository's ``kernels/`` under that name), else ``kernels/`` beside the package in a checkout
+    (editable install, or the source tree on sys.path). Neither: the installed location, so that
+    :func:`kernel_source` names it when it finds no source (importing this module never fails)."""
+    package = Path(__file__).resolve().parent
+    installed, checkout = package / "_kernels", package.parent / "kernels"
+    if (installed / "portable.cuh").is_file() or not (checkout / "portable.cuh").is_file():
+        return installed
+    return checkout
+
+
+#: The folder of the kernel sources (:func:`_find_kernel_dir`).
+KERNEL_DIR = _find_kernel_dir()
 #: Host compiler flags of the CPU build (the key includes them). No -ffast-math / -march=native: the CPU build
 #: must give the answer the GPU gives, on every machine that shares a cache.
 CPU_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-x", "c++")
@@ -172,6 +185,15 @@ class KernelSet:
     target: str
     kernel_dir: str | None = None
 
+    def load(self, module: str) -> None:
+        """Build (or find in the cache) and load ``<module>.cu`` now, so a compiler error surfaces before any work.
+
+        Loaded kernels are kept for the life of the process (keyed by module, kernel and folder)."""
+        if self.target == "cpu":
+            cpu_build(module, self.kernel_dir)
+        else:
+            gpu_module(module, self.kernel_dir)
+
     def launch(self, module: str, kernel: str, n_blocks: int, args) -> None:
         """Run ``kernel`` of ``<module>.cu`` over ``n_blocks`` blocks (FOR_BLOCKS items).
 
@@ -182,8 +204,7 @@ class KernelSet:
         if n_blocks <= 0:
             return
         if self.target == "cpu":
-            fn = getattr(cpu_build(module, self.kernel_dir), kernel)
-            fn.restype = None
+            fn = _cpu_function(module, kernel, self.kernel_dir)
             fn(*(_ctypes_arg(a) for a in args))
         elif self.target == "gpu":
             fn = _gpu_function(module, kernel, self.kernel_dir)
@@ -368,6 +389,13 @@ def _compiler_version(cxx: str) -> str:
 @lru_cache(maxsize=None)
 def _load_cdll(path: str) -> ctypes.CDLL:
     return ctypes.CDLL(path)          # keyed by the content-hash path: one load per build
+
+
+@lru_cache(maxsize=None)
+def _cpu_function(module: str, kernel: str, kernel_dir):
+    fn = getattr(cpu_build(module, kernel_dir), kernel)
+    fn.restype = None
+    return fn
 
 
 @lru_cache(maxsize=None)

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-DEVICES = ("auto", "cpu", "gpu")
+DEVICES = ("auto", "cpu", "gpu", "reference")
 INTERPOLATIONS = ("kb", "trilinear")
 _FUNCTION_RE = re.compile(r"^[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?$")
 
@@ -33,7 +33,8 @@ class RefineOptions:
     fourvar : divide the reference by its 3-D Fourier variance (accepted; SPARX's default function ignores it).
     debug : write per-image old/new parameters and criteria; tracebacks on errors.
     MPI : accepted for SPARX compatibility; the run is parallel whenever started under mpirun.
-    device : "auto" (GPU when one is usable, else CPU), "cpu" or "gpu".
+    device : "auto" (GPU when one is usable, else CPU), "cpu" (compiled kernels, OpenMP), "gpu" (CUDA through
+        CuPy) or "reference" (the plain numpy reference path, slow; for tests and checks).
     seed : seed of the random generator (half-set assignment, ties), for reproducible runs.
     write_headers : after a successful run, write the refined poses into the input's headers (atomically).
     interpolation : "kb" (Kaiser-Bessel K = 6, SPARX's gridding) or "trilinear" (8 taps, faster, less exact) for

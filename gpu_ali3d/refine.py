@@ -73,8 +73,6 @@ def local_ali3d(stack, outdir, maskfile=None, *, options: RefineOptions | None =
     opts = options if options is not None else RefineOptions(**overrides)
     if options is not None and overrides:
         raise TypeError("give either options= or keyword overrides, not both")
-    if opts.device == "gpu":
-        raise NotImplementedError("--device gpu: the CUDA path is not in this version; use --device cpu")
     outdir = Path(outdir)
     if outdir.exists():
         raise FileExistsError(f"{outdir}: output directory already exists; choose a new name")
@@ -107,10 +105,15 @@ def _run(stack, source_path, outdir, opts, ou, mask, half, ctf, progress) -> Ref
     from .user_functions import load_user_function
 
     user_function = load_user_function(opts.function)
+    backend = None
+    if opts.device != "reference":
+        from .backend import make_backend
+        backend = make_backend(opts.device)
+        backend.kernels.load("score")        # compile (or find in the cache) before the first iteration
     n, box, apix = len(stack), stack.box, stack.apix_A
     _say(f"gpu-ali3d local refinement: {n} particles, box {box}, {apix:g} A/px, ou {ou}, delta {opts.delta:g}, "
          f"ts {opts.ts:g}, maxit {opts.maxit}, chunk {opts.chunk:g}, CTF {'on' if ctf is not None else 'off'}, "
-         f"sym {opts.sym}, interpolation {opts.interpolation}")
+         f"sym {opts.sym}, interpolation {opts.interpolation}, device {backend.name if backend else 'reference'}")
     _say(f"memory estimate: {memory_estimate_bytes(n, box, opts) / 2**20:.0f} MiB")
     images = stack.read_images()
     poses = stack.poses.copy()
@@ -132,7 +135,7 @@ def _run(stack, source_path, outdir, opts, ou, mask, half, ctf, progress) -> Ref
             if not last:
                 old = poses[members].copy()
                 new, before, after, kmax = _align(images[members], old, volf, ctf[members] if ctf is not None else None,
-                                                  apix, ou, opts, cutoff, falloff, progress,
+                                                  apix, ou, opts, cutoff, falloff, backend, progress,
                                                   f"iteration {iteration + 1}/{opts.maxit}")
                 poses[members] = new
                 rec.kmax_px = kmax
@@ -175,15 +178,18 @@ def _reference(images, poses, half, ctf, apix, mask, opts, user_function, outdir
     return volf, curve, fit_tanh(curve)
 
 
-def _align(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, progress, label):
+def _align(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, backend, progress, label):
     """Refine the poses of some images against one reference: returns (new poses, score before, score after,
-    kmax in padded-grid units)."""
+    kmax in padded-grid units). backend None: numpy reference objective; else the compiled kernel on its device
+    (images, CTFs and the prepared reference are converted once per batch; only poses and scores come back)."""
     from tqdm import tqdm
 
     from .gridding import prepare_reference
-    from .score import prepare_images, score
+    from .score import make_objective, prepare_images
     from .simplex import SPARX_SERIAL, amoeba_batched, local_ali3d_scales
 
+    xp = np if backend is None else backend.xp
+    to_host = (lambda a: a) if backend is None else backend.to_host
     ref = prepare_reference(volf, pad=2, interpolation=opts.interpolation)
     kmax = ref.N * min(0.5, cutoff + falloff)          # current resolution (tanh cut-off plus fall-off), padded units
     new = np.empty_like(poses)
@@ -194,20 +200,16 @@ def _align(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, progress, 
         sl = slice(start, min(start + ALIGN_BATCH, len(poses)))
         prep = prepare_images(images[sl], ou, ctf=ctf[np.arange(sl.start, sl.stop)] if ctf is not None else None,
                               apix_A=apix, kmax=kmax)
-
-        def objective(points, owner):
-            return score(ref, prep, points, image_index=owner)
-
-        x0 = poses[sl]
-        before[sl] = objective(x0, np.arange(len(x0)))
-        scales = local_ali3d_scales(x0[:, 1], opts.delta, opts.ts)
-        best, fbest, _steps = amoeba_batched(objective, x0, scales, **SPARX_SERIAL)
-        # the simplex may leave a worse point than the start only if the start was never its best vertex;
-        # keep whichever is better, as SPARX keeps the old parameters when nothing improved
-        worse = fbest < before[sl]
-        best[worse], fbest[worse] = x0[worse], before[sl][worse]
-        new[sl] = normalise_poses(best)
-        after[sl] = fbest
+        objective = make_objective(ref, prep, backend=backend)
+        x0 = xp.asarray(poses[sl])
+        f0 = objective(x0, xp.arange(len(x0)))
+        scales = local_ali3d_scales(x0[:, 1], opts.delta, opts.ts, xp=xp)
+        best, fbest, _steps = amoeba_batched(objective, x0, scales, xp=xp, **SPARX_SERIAL)
+        best, fbest, x0, f0 = (to_host(a) for a in (best, fbest, x0, f0))
+        # keep the start where nothing better was found, as SPARX keeps the old parameters
+        worse = fbest < f0
+        best[worse], fbest[worse] = x0[worse], f0[worse]
+        new[sl], before[sl], after[sl] = normalise_poses(best), f0, fbest
     return new, before, after, kmax
 
 

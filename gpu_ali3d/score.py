@@ -175,6 +175,24 @@ def prepare_images(images, ou: float, *, ctf: CTFParams | None = None, apix_A: f
                           pad=int(pad), ou=float(ou), kmax=kmax, apix_A=float(apix_A))
 
 
+def make_objective(ref: PreparedReference, prepared: PreparedImages, *, backend=None):
+    """The objective for the batched simplex: ``f(points (m, 5), owner (m,)) -> (m,)`` scores.
+
+    backend : None for the numpy reference path (float64; :func:`score`), or a
+        :class:`gpu_ali3d.backend.Backend` for the compiled kernel (kernels/score.cu) on its device. The reference
+        and images are converted for the kernel once, here; points and owner are arrays of ``backend.xp`` and so
+        is the result, so nothing crosses between host and device inside the simplex.
+    """
+    if backend is None:
+        return lambda points, owner: score(ref, prepared, points, image_index=owner)
+    from .kernels import kernel_images, kernel_reference, score_kernel
+
+    if (ref.M, ref.N) != (prepared.M, prepared.N):
+        raise ValueError(f"reference is M={ref.M}, N={ref.N} but the images are M={prepared.M}, N={prepared.N}")
+    kref, kimg = kernel_reference(backend, ref), kernel_images(backend, prepared)
+    return lambda points, owner: score_kernel(backend, kref, kimg, points, owner)
+
+
 def score(ref: PreparedReference, prepared: PreparedImages, poses, *, image_index=None,
           path: str = "reference") -> np.ndarray:
     """Normalised correlation of each (image, pose) pair (module docstring for the formula).
@@ -184,7 +202,7 @@ def score(ref: PreparedReference, prepared: PreparedImages, poses, *, image_inde
     poses : float array (n, 5) or (5,): phi, theta, psi (degrees), sx, sy (pixels) (:mod:`gpu_ali3d.geometry`).
     image_index : int array (n,), the image each pose is scored against (several poses per image allowed);
         None pairs pose i with image i (then n must equal the number of images).
-    path : "reference" (numpy, float64). The kernel path will sit behind the same signature.
+    path : "reference" (numpy, float64). The compiled kernel path is :func:`make_objective` with a backend.
     Returns float64 (n,), in [-1, 1]; 0 where the projection has no power within kmax.
     """
     if path not in PATHS:

@@ -1,8 +1,14 @@
 """Every kernel compiles for every target (nvcc sm_80/sm_90, NVRTC when cupy is present, host C++ + OpenMP),
-the build cache follows header edits, and the portability constructs give the right answer on the CPU."""
+the build cache follows header edits, the portability constructs give the right answer on the CPU, and the kernel
+sources ship inside the package (wheel and regular install)."""
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,14 +40,30 @@ def test_nvcc_compiles(name, arch):
     assert ".entry" in ptx
 
 
-@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
-@pytest.mark.parametrize("name", KERNELS)
-def test_nvrtc_compiles(name, arch):
-    nvrtc = pytest.importorskip("cupy.cuda.nvrtc", reason="cupy (with an NVRTC library) is not installed")
+def _nvrtc_or_skip():
+    """cupy.cuda.nvrtc with a loadable NVRTC library (cupy-cuda12x + nvidia-cuda-nvrtc-cu12; no GPU needed), else
+    skip, or fail where $GPU_ALI3D_REQUIRE_NVRTC=1 (CI, which installs both)."""
+    def unavailable(reason):
+        if os.environ.get("GPU_ALI3D_REQUIRE_NVRTC") == "1":
+            pytest.fail(f"GPU_ALI3D_REQUIRE_NVRTC=1 but {reason}")
+        pytest.skip(reason)
+
+    try:
+        from cupy.cuda import nvrtc
+    except ImportError:
+        unavailable("cupy is not installed: pip install cupy-cuda12x nvidia-cuda-nvrtc-cu12 (no GPU needed)")
     try:
         nvrtc.getVersion()
     except Exception as err:  # cupy without the nvidia-cuda-nvrtc wheel
-        pytest.skip(f"cupy is installed but NVRTC cannot be loaded: {err}")
+        unavailable(f"cupy is installed but NVRTC cannot be loaded ({err}): pip install nvidia-cuda-nvrtc-cu12")
+    return nvrtc
+
+
+# compute_XX gives PTX; sm_XX gives a cubin, which is what cupy.RawModule builds on an A100 / H100.
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90", "sm_80", "sm_90"])
+@pytest.mark.parametrize("name", KERNELS)
+def test_nvrtc_compiles(name, arch):
+    _nvrtc_or_skip()
     assert b".entry" in kernels.nvrtc_check(name, arch)
 
 
@@ -76,6 +98,56 @@ def test_missing_compiler_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("PATH", "")
     with pytest.raises(RuntimeError, match="no C.. compiler"):
         kernels.host_compiler()
+
+
+def test_kernel_sources_found_in_the_package_or_the_checkout():
+    assert (kernels.KERNEL_DIR / "portable.cuh").is_file()
+    assert kernels.KERNEL_DIR.name in ("_kernels", "kernels")
+
+
+def test_wheel_and_regular_install_carry_the_kernel_sources(tmp_path):
+    """``pip wheel`` (offline: no build isolation, the venv's setuptools from the test extra) of a copy of the
+    project holds every kernels/*.cu, *.cuh and every module of the package; installed from that wheel with
+    ``pip install --target``, the package finds its kernels in gpu_ali3d/_kernels and inlines them."""
+    setuptools = pytest.importorskip("setuptools", reason="building a wheel offline needs setuptools>=77 "
+                                     "(pip install -e '.[test]')")
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        pytest.skip(f"setuptools {setuptools.__version__} < 77 cannot build this project offline "
+                    "(pip install -e '.[test]')")
+    project = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"                        # a copy, so the build leaves nothing in the checkout
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so")
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(project / name, src / name)
+    for name in ("gpu_ali3d", "kernels"):
+        shutil.copytree(project / name, src / name, ignore=ignore)
+    dist = tmp_path / "dist"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
+    proc = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(dist),
+                           str(src)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (wheel,) = dist.glob("gpu_ali3d-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    sources = sorted(p.name for p in (project / "kernels").iterdir() if p.suffix in (".cu", ".cuh"))
+    assert {"score.cu", "portable.cuh", "gridding.cuh"} <= set(sources)
+    assert {f"gpu_ali3d/_kernels/{s}" for s in sources} <= names
+    modules = {p.relative_to(project).as_posix() for p in (project / "gpu_ali3d").rglob("*.py")}
+    assert modules <= names, f"modules missing from the wheel (add their package to pyproject.toml): " \
+                             f"{sorted(modules - names)}"
+
+    target = tmp_path / "site"
+    proc = subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    probe = ("from gpu_ali3d import kernels; print(kernels.KERNEL_DIR); print(*kernels.kernel_names()); "
+             "assert '#include \"' not in kernels.kernel_source('score')")
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    kernel_dir, names_line = proc.stdout.splitlines()
+    assert Path(kernel_dir) == (target / "gpu_ali3d" / "_kernels").resolve()
+    assert names_line.split() == KERNELS
 
 
 def test_missing_kernel_is_a_clear_error():

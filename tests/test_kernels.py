@@ -40,9 +40,8 @@ def _problem(rng, M, n_img, n_pairs, *, interpolation="kb", kb_width=6, with_ctf
                         amp_contrast=0.1, bfactor_A2=rng.uniform(0, 50, n_img))
     images = gridding.project_reference(ref, true, ctf=ctf, apix_A=2.0)
     images += rng.standard_normal(images.shape) * images.std()
-    # kmax just below N/2 by default: the reference decides the two samples with |k| = N/2 exactly by the rounding
-    # of |R^T k|^2 <= (N/2)^2 (a 1e-5-sized, pose-dependent difference); the kernel tests |k| exactly.
-    kmax = ref.N / 2 * (kmax_frac if kmax_frac is not None else 1.0) - 1e-6
+    # kmax = N/2 by default: the samples exactly at Nyquist are kept by both paths
+    kmax = ref.N / 2 * (kmax_frac if kmax_frac is not None else 1.0)
     prep = score.prepare_images(images, ou=M // 2 - 2, ctf=ctf, apix_A=2.0, kmax=kmax)
     idx = rng.integers(0, n_img, n_pairs)
     poses = true[idx] + np.column_stack([rng.normal(0, 5, (n_pairs, 3)), rng.normal(0, 1.5, (n_pairs, 2))])
