@@ -40,13 +40,18 @@ def main(argv: list[str] | None = None) -> int:
 
 # ------------------------------------------------------------------------------------------------ subcommands
 def _cmd_refine(args: argparse.Namespace) -> int:
-    from .refine import local_ali3d
+    from .refine import continue_local_ali3d, local_ali3d
 
+    progress = sys.stderr.isatty()
+    if args.continue_dir is not None:
+        if args.stack is not None:
+            raise ValueError("--continue OUTDIR resumes a run with its own input and options; give no STACK/OUTDIR")
+        continue_local_ali3d(args.continue_dir, progress=progress)
+        return 0
+    if args.stack is None or args.outdir is None:
+        raise ValueError("refine needs STACK and OUTDIR (or --continue OUTDIR)")
     opts = RefineOptions(**{name: getattr(args, name) for name in RefineOptions.field_names()})
-    if opts.write_headers:
-        raise NotImplementedError("--write-headers is not in this version; the refined poses are in "
-                                  "OUTDIR/particles.star and OUTDIR/refined.*")
-    local_ali3d(args.stack, args.outdir, args.maskfile, options=opts, progress=sys.stderr.isatty())
+    local_ali3d(args.stack, args.outdir, args.maskfile, options=opts, progress=progress)
     return 0
 
 
@@ -164,8 +169,9 @@ def _build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("refine", help="local refinement of particle poses", formatter_class=_Formatter,
                        description="Refine each particle's pose (phi, theta, psi, sx, sy) locally against "
                        "projections of a map rebuilt from the data each iteration.")
-    r.add_argument("stack", help="particles with approximate poses: .hdf (EMAN2), .star (RELION), .cs (cryoSPARC)")
-    r.add_argument("outdir", help="output directory (must not exist)")
+    r.add_argument("stack", nargs="?", help="particles with approximate poses: .hdf (EMAN2), .star (RELION), "
+                   ".cs (cryoSPARC)")
+    r.add_argument("outdir", nargs="?", help="output directory (must not exist)")
     r.add_argument("maskfile", nargs="?", default=None, help="3-D mask (.hdf/.mrc); default a sphere of radius ou")
     r.add_argument("--ou", type=int, default=d.ou, help="outer radius of the masks in pixels (-1: box//2 - 2)")
     r.add_argument("--delta", type=float, default=d.delta, help="angular bracket, degrees")
@@ -187,6 +193,8 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=d.seed, help="random seed (half sets), for reproducible runs")
     r.add_argument("--write-headers", dest="write_headers", action="store_true", default=d.write_headers,
                    help="after a successful run, write the refined poses into the input (atomically)")
+    r.add_argument("--continue", dest="continue_dir", metavar="OUTDIR", default=None,
+                   help="resume an interrupted run from its checkpoint (same input and options)")
     r.add_argument("--interpolation", default=d.interpolation, choices=INTERPOLATIONS,
                    help="reference sampling in the objective: Kaiser-Bessel (SPARX) or trilinear (faster)")
     r.set_defaults(run=_cmd_refine)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,45 +62,139 @@ def local_ali3d(stack, outdir, maskfile=None, *, options: RefineOptions | None =
                 **overrides) -> RefineResult:
     """Local refinement of particle poses, SPARX ``local_ali3d`` semantics (options: :class:`RefineOptions`).
 
-    stack : path of a particle stack (.hdf, .star, .cs) or a :class:`ParticleStack`. Never modified.
+    stack : path of a particle stack (.hdf, .star, .cs) or a :class:`ParticleStack`. Never modified, except by
+        ``write_headers=True`` after a successful run (a new file renamed over it; the old poses are kept in
+        outdir/previous_poses.txt).
     outdir : output directory; must not exist (it is created).
     maskfile : 3-D mask (.hdf/.mrc) of the box size, or None for a sphere of radius ou.
     options / overrides : a RefineOptions, or its fields as keyword arguments (``ou=28, maxit=3, ...``).
     Writes vol/volf/resolution files per iteration and chunk, params_%03d.txt, particles.star, a refined copy of
-    the stack in its own format, log.txt, summary.json and fsc.png (README: outputs).
+    the stack in its own format, log.txt, summary.json, fsc.png and a checkpoint after every chunk
+    (:func:`continue_local_ali3d` resumes from it).
     """
-    opts = options if options is not None else RefineOptions(**overrides)
     if options is not None and overrides:
         raise TypeError("give either options= or keyword overrides, not both")
+    opts = options if options is not None else RefineOptions(**overrides)
     outdir = Path(outdir)
     if outdir.exists():
-        raise FileExistsError(f"{outdir}: output directory already exists; choose a new name")
+        raise FileExistsError(f"{outdir}: output directory already exists; choose a new name "
+                              "(or resume it with --continue)")
     source_path = None
     if not isinstance(stack, ParticleStack):
-        source_path = Path(stack)
+        source_path = Path(stack).resolve()
         stack = read_stack(source_path)
-    box = stack.box
-    ou = opts.outer_radius(box)
+    if opts.write_headers and source_path is None:
+        raise ValueError("write_headers needs a stack given as a file path")
+    setup = _setup(stack, opts, maskfile)
+    outdir.mkdir(parents=True)
+    state = _State(poses=stack.poses.copy())
+    _save_job(outdir, opts, source_path, maskfile)
+    return _with_log(outdir, lambda: _run(stack, source_path, outdir, opts, setup, state, progress))
+
+
+def continue_local_ali3d(outdir, *, progress: bool = True) -> RefineResult:
+    """Resume an interrupted :func:`local_ali3d` from the checkpoint in outdir (written after every chunk).
+
+    The options, input and mask are those of the original run (outdir/job.json); the result equals that of an
+    uninterrupted run, because every step depends only on the poses and options saved in the checkpoint.
+    """
+    outdir = Path(outdir)
+    job_path = outdir / "job.json"
+    if not job_path.is_file():
+        raise FileNotFoundError(f"{outdir}: no job.json here; is this a gpu-ali3d refine output directory?")
+    job = json.loads(job_path.read_text())
+    opts = RefineOptions(**job["options"])
+    if job["stack"] is None:
+        raise ValueError(f"{outdir}: the run was given an in-memory stack; it cannot be resumed from files")
+    stack = read_stack(job["stack"])
+    setup = _setup(stack, opts, job["maskfile"])
+    state = _State.load(outdir, len(stack)) if (outdir / CHECKPOINT).is_file() else _State(poses=stack.poses.copy())
+    if state.done:
+        raise ValueError(f"{outdir}: this refinement finished already; nothing to continue")
+    return _with_log(outdir, lambda: _run(stack, Path(job["stack"]), outdir, opts, setup, state, progress,
+                                          resumed=True))
+
+
+# ----------------------------------------------------------------------------------------------------- driver
+CHECKPOINT = "checkpoint.npz"
+
+
+@dataclass
+class _Setup:
+    ou: int
+    mask: np.ndarray
+    half: np.ndarray
+    ctf: object
+
+
+@dataclass
+class _State:
+    """What the loop needs to go on: poses, where to resume (iteration, chunk), records and FSC curves so far."""
+    poses: np.ndarray
+    next_iteration: int = 0
+    next_chunk: int = 0
+    records: list = field(default_factory=list)
+    curves: list = field(default_factory=list)       # (iteration, chunk, FSCCurve)
+    done: bool = False
+
+    def save(self, outdir: Path) -> None:
+        curves = {f"curve_{i}_{c}": np.stack(cv[:3]) for i, c, cv in self.curves}
+        meta = json.dumps({"next_iteration": self.next_iteration, "next_chunk": self.next_chunk, "done": self.done,
+                           "records": [asdict(r) for r in self.records]})
+        with atomic_path(outdir / CHECKPOINT, overwrite=True) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, poses=self.poses, meta=np.array(meta), **curves)
+
+    @classmethod
+    def load(cls, outdir: Path, n: int) -> "_State":
+        from .resolution import FSCCurve
+
+        try:
+            with np.load(outdir / CHECKPOINT) as z:
+                meta = json.loads(str(z["meta"]))
+                poses = z["poses"]
+                curves = []
+                for rec in meta["records"]:
+                    key = f"curve_{rec['iteration']}_{rec['chunk']}"
+                    curves.append((rec["iteration"], rec["chunk"], FSCCurve(*z[key])))
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"{outdir / CHECKPOINT}: unreadable checkpoint ({exc})") from None
+        if poses.shape != (n, 5):
+            raise ValueError(f"{outdir / CHECKPOINT}: {len(poses)} poses for a stack of {n} particles")
+        records = [IterationRecord(**r) for r in meta["records"]]
+        return cls(poses=poses, next_iteration=meta["next_iteration"], next_chunk=meta["next_chunk"],
+                   records=records, curves=curves, done=meta["done"])
+
+
+def _setup(stack: ParticleStack, opts: RefineOptions, maskfile) -> _Setup:
+    ou = opts.outer_radius(stack.box)
     if opts.CTF and stack.ctf is None:
         raise ValueError("--CTF given but the stack has no CTF parameters")
-    mask = _mask(maskfile, box, ou)
-    half = _half_sets(stack)
-    ctf = stack.ctf if opts.CTF else None
+    return _Setup(ou=ou, mask=_mask(maskfile, stack.box, ou), half=_half_sets(stack),
+                  ctf=stack.ctf if opts.CTF else None)
 
-    outdir.mkdir(parents=True)
+
+def _save_job(outdir: Path, opts: RefineOptions, source_path, maskfile) -> None:
+    job = {"options": {k: getattr(opts, k) for k in RefineOptions.field_names()},
+           "stack": None if source_path is None else str(source_path),
+           "maskfile": None if maskfile is None else str(Path(maskfile).resolve())}
+    with atomic_path(outdir / "job.json") as tmp:
+        tmp.write_text(json.dumps(job, indent=1))
+
+
+def _with_log(outdir: Path, body):
     handler = logging.FileHandler(outdir / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:
-        return _run(stack, source_path, outdir, opts, ou, mask, half, ctf, progress)
+        return body()
     finally:
         log.removeHandler(handler)
         handler.close()
 
 
-# ----------------------------------------------------------------------------------------------------- driver
-def _run(stack, source_path, outdir, opts, ou, mask, half, ctf, progress) -> RefineResult:
+def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progress, resumed=False) -> RefineResult:
     from .user_functions import load_user_function
 
     user_function = load_user_function(opts.function)
@@ -111,25 +204,28 @@ def _run(stack, source_path, outdir, opts, ou, mask, half, ctf, progress) -> Ref
         backend = make_backend(opts.device)
         backend.kernels.load("score")        # compile (or find in the cache) before the first iteration
     n, box, apix = len(stack), stack.box, stack.apix_A
+    ou, mask, half, ctf = setup.ou, setup.mask, setup.half, setup.ctf
+    if resumed:
+        _say(f"resuming at iteration {state.next_iteration + 1}, chunk {state.next_chunk + 1}")
     _say(f"gpu-ali3d local refinement: {n} particles, box {box}, {apix:g} A/px, ou {ou}, delta {opts.delta:g}, "
          f"ts {opts.ts:g}, maxit {opts.maxit}, chunk {opts.chunk:g}, CTF {'on' if ctf is not None else 'off'}, "
          f"sym {opts.sym}, interpolation {opts.interpolation}, device {backend.name if backend else 'reference'}")
     _say(f"memory estimate: {memory_estimate_bytes(n, box, opts) / 2**20:.0f} MiB")
     images = stack.read_images()
-    poses = stack.poses.copy()
+    poses = state.poses
     chunks = _chunks(n, opts.chunk)
-    records: list[IterationRecord] = []
-    curves = []
-    for iteration in range(opts.maxit + 1):
+    for iteration in range(state.next_iteration, opts.maxit + 1):
         last = iteration == opts.maxit
-        for ic, members in enumerate(chunks):
+        first_chunk = state.next_chunk if iteration == state.next_iteration else 0
+        for ic in range(first_chunk, len(chunks)):
+            members = chunks[ic]
             t0 = time.perf_counter()
             rec = IterationRecord(iteration, ic)
             if opts.center == -1:
                 poses = centre_data(poses)
             volf, curve, (cutoff, falloff) = _reference(images, poses, half, ctf, apix, mask, opts, user_function,
                                                         outdir, iteration, ic)
-            curves.append((iteration, ic, curve))
+            state.curves.append((iteration, ic, curve))
             rec.fsc05_A, rec.fsc0143_A = _resolutions(curve, apix)
             rec.tanh_cutoff = cutoff
             if not last:
@@ -145,19 +241,34 @@ def _run(stack, source_path, outdir, opts, ou, mask, half, ctf, progress) -> Ref
                 if opts.debug:
                     _write_debug(outdir, iteration, ic, members, old, new, before, after)
             rec.wall_s = time.perf_counter() - t0
-            records.append(rec)
+            state.records.append(rec)
             _say(_summary_line(rec, opts.maxit))
-        if not last:
-            _write_params(outdir / f"params_{iteration:03d}.txt", poses)
-        _write_json(outdir / "summary.json", [asdict(r) for r in records])
-    _plot_fsc(outdir / "fsc.png", curves, apix)
+            if ic == len(chunks) - 1 and not last:
+                _write_params(outdir / f"params_{iteration:03d}.txt", poses)
+            state.poses = poses
+            state.next_iteration, state.next_chunk = (iteration, ic + 1) if ic + 1 < len(chunks) else (iteration + 1, 0)
+            state.save(outdir)
+            _write_json(outdir / "summary.json", [asdict(r) for r in state.records])
+    _plot_fsc(outdir / "fsc.png", state.curves, apix)
     refined = ParticleStack(images=stack.images, poses=poses, apix_A=stack.apix_A, ctf=stack.ctf,
                             image_refs=stack.image_refs, meta=stack.meta)
-    write_stack(refined, outdir / "particles.star")
+    write_stack(refined, outdir / "particles.star", overwrite=True)
     if source_path is not None and stack_format(source_path) != "star":
-        write_stack(refined, outdir / f"refined{source_path.suffix}")
+        write_stack(refined, outdir / f"refined{source_path.suffix}", overwrite=True)
+    if opts.write_headers:
+        _write_headers(source_path, stack, refined, outdir)
+    state.done = True
+    state.save(outdir)
     _say(f"done: final poses in {outdir / 'particles.star'}")
-    return RefineResult(poses=poses, records=records, outdir=outdir)
+    return RefineResult(poses=poses, records=state.records, outdir=outdir)
+
+
+def _write_headers(source_path: Path, original: ParticleStack, refined: ParticleStack, outdir: Path) -> None:
+    """--write-headers: keep the input's poses in outdir, then replace the input by a new file with the refined
+    poses (written beside it and renamed over it: the input is whole at every moment)."""
+    _write_params(outdir / "previous_poses.txt", original.poses, overwrite=True)
+    write_stack(refined, source_path, overwrite=True)
+    _say(f"wrote the refined poses into {source_path} (previous poses: {outdir / 'previous_poses.txt'})")
 
 
 def _reference(images, poses, half, ctf, apix, mask, opts, user_function, outdir, iteration, ic):
@@ -169,12 +280,12 @@ def _reference(images, poses, half, ctf, apix, mask, opts, user_function, outdir
                                          npad=opts.npad)
     curve = fsc_mask(even, odd, mask)
     tag = f"{iteration:03d}_{ic:03d}"
-    with atomic_path(outdir / f"resolution{tag}") as tmp:
+    with atomic_path(outdir / f"resolution{tag}", overwrite=True) as tmp:
         tmp.write_text(fsc_text(curve))
-    write_volume(outdir / f"vol{tag}.hdf", full.astype(np.float32), apix)
+    write_volume(outdir / f"vol{tag}.hdf", full.astype(np.float32), apix, overwrite=True)
     volf, _centre = user_function([mask, opts.center if opts.center == 1 else 0, full, curve])
     volf = np.asarray(volf, dtype=np.float64)
-    write_volume(outdir / f"volf{tag}.hdf", volf.astype(np.float32), apix)
+    write_volume(outdir / f"volf{tag}.hdf", volf.astype(np.float32), apix, overwrite=True)
     return volf, curve, fit_tanh(curve)
 
 
@@ -295,8 +406,8 @@ def _say(text: str) -> None:
     log.info(text)
 
 
-def _write_params(path: Path, poses: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
+def _write_params(path: Path, poses: np.ndarray, *, overwrite: bool = True) -> None:
+    with atomic_path(path, overwrite=overwrite) as tmp:
         np.savetxt(tmp, poses, fmt="%12.6f", header=" ".join(POSE_COLUMNS) + " (degrees; pixels, SPARX sign)")
 
 
@@ -310,7 +421,7 @@ def _write_json(path: Path, obj) -> None:
 
 def _write_debug(outdir, iteration, ic, members, old, new, before, after) -> None:
     """--debug: per-image old and new parameters and criterion, appended to progress.txt."""
-    with open(outdir / "progress.txt", "a") as f:
+    with open(outdir / "progress.txt", "a") as f:  # a resumed run appends after the last complete chunk
         for i, o, p, b, a in zip(members, old, new, before, after):
             f.write(f"{iteration:3d} {ic:3d} {i:7d}  old " + " ".join(f"{v:10.4f}" for v in o) + f"  {b:.6f}"
                     "  new " + " ".join(f"{v:10.4f}" for v in p) + f"  {a:.6f}\n")
@@ -331,6 +442,6 @@ def _plot_fsc(path: Path, curves, apix: float) -> None:
     ax.set_ylabel("FSC (half maps, masked)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
+    with atomic_path(path, overwrite=True) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)

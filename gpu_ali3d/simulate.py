@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from .ctf import CTFParams
-from .geometry import euler_from_matrix, rotation_matrix
+from .geometry import euler_from_matrix
 from .io.stack import ArrayImages, ParticleStack
 from .projection import project
 

@@ -1,0 +1,102 @@
+"""Checkpoints and --continue: a run killed mid-iteration and resumed ends exactly where an uninterrupted run
+does; --write-headers replaces the input only after success, keeping the previous poses."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpu_ali3d import local_ali3d
+from gpu_ali3d.cli import main
+from gpu_ali3d.io.formats import read_stack, write_stack
+from gpu_ali3d.simulate import phantom, simulate
+
+ARGS = ["--maxit", "2", "--chunk", "0.5", "--CTF", "--interpolation", "trilinear", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("resume")
+    stack, _ = simulate(phantom(24), 30, apix_A=4.0, snr=10.0, angle_error_deg=4.0, shift_error_px=1.5, ctf=True,
+                        rng=np.random.default_rng(8))
+    write_stack(stack, tmp / "sim.star")
+    return tmp / "sim.star"
+
+
+def _checkpoint_position(outdir: Path):
+    try:
+        with np.load(outdir / "checkpoint.npz") as z:
+            meta = json.loads(str(z["meta"]))
+        return meta["next_iteration"], meta["next_chunk"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def test_killed_run_resumes_to_the_same_result(dataset, tmp_path, capsys):
+    # the uninterrupted run
+    assert main(["refine", str(dataset), str(tmp_path / "whole"), *ARGS]) == 0
+    whole = read_stack(tmp_path / "whole" / "particles.star").poses
+
+    # the same run, killed (SIGKILL: no clean-up) once it has checkpointed a chunk of the second iteration
+    exe = Path(sys.executable).with_name("gpu-ali3d")
+    proc = subprocess.Popen([str(exe), "refine", str(dataset), str(tmp_path / "cut"), *ARGS],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        pos = _checkpoint_position(tmp_path / "cut")
+        if pos is not None and pos >= (1, 1):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
+    assert not (tmp_path / "cut" / "particles.star").exists()
+    capsys.readouterr()
+    assert main(["refine", "--continue", str(tmp_path / "cut")]) == 0
+    out = capsys.readouterr().out
+    assert "resuming at iteration 2" in out
+    resumed = read_stack(tmp_path / "cut" / "particles.star").poses
+    np.testing.assert_array_equal(resumed, whole)        # same inputs, same arithmetic: bitwise the same
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert [(r["iteration"], r["chunk"]) for r in summary] == [(i, c) for i in range(3) for c in range(2)]
+
+
+def test_continue_refuses_a_finished_run_and_a_foreign_directory(dataset, tmp_path, capsys):
+    local_ali3d(str(dataset), tmp_path / "done", maxit=0, progress=False)
+    assert main(["refine", "--continue", str(tmp_path / "done")]) == 2
+    assert "finished already" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["refine", "--continue", str(tmp_path / "empty")]) == 2
+    assert "job.json" in capsys.readouterr().err
+
+
+def test_write_headers_replaces_the_input_after_success(dataset, tmp_path):
+    src = tmp_path / "input.star"
+    original = read_stack(dataset)
+    # a copy of the input STAR (its rlnImageName points at the dataset's sim.mrcs by a relative path)
+    write_stack(original, src)
+    before = read_stack(src).poses
+    result = local_ali3d(str(src), tmp_path / "out", maxit=1, CTF=True, interpolation="trilinear",
+                         write_headers=True, progress=False)
+    after = read_stack(src)
+    np.testing.assert_allclose(after.poses, result.poses, atol=1e-6)
+    assert not np.allclose(after.poses, before)
+    np.testing.assert_allclose(np.loadtxt(tmp_path / "out" / "previous_poses.txt"), before, atol=1e-5)
+    np.testing.assert_array_equal(after.read_images([0, 5]), original.read_images([0, 5]))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["input.star"]   # no temporary left
+
+
+def test_failed_run_leaves_the_input_untouched(dataset, tmp_path):
+    src = tmp_path / "input.star"
+    write_stack(read_stack(dataset), src)
+    text = src.read_text()
+    with pytest.raises(ValueError):
+        local_ali3d(str(src), tmp_path / "out", maxit=1, write_headers=True, function="no_such_module:f",
+                    progress=False)
+    assert src.read_text() == text
