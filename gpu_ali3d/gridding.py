@@ -146,6 +146,18 @@ def trilinear_deapodisation(M: int, *, pad: int = PAD) -> np.ndarray:
     return np.sinc(x / (pad * M)) ** 2
 
 
+def as_cube(volume) -> np.ndarray:
+    """A validated real cubic map (M, M, M), numpy order (z, y, x): ValueError/TypeError otherwise."""
+    vol = np.asarray(volume)
+    if vol.ndim != 3 or len(set(vol.shape)) != 1:
+        raise ValueError(f"volume must be a cube (M, M, M) in numpy order (z, y, x); got shape {vol.shape}")
+    if np.iscomplexobj(vol) or not np.issubdtype(vol.dtype, np.number):
+        raise TypeError(f"volume must be a real array; got dtype {vol.dtype}")
+    if not np.all(np.isfinite(vol)):
+        raise ValueError("volume contains NaN or inf voxels")
+    return vol
+
+
 def prepare_reference(volume: np.ndarray, *, pad: int = PAD, kb_width: int = KB_WIDTH, kb_alpha: float = KB_ALPHA,
                       interpolation: str = "kb") -> PreparedReference:
     """SPARX ``prep_vol``: deapodise a map in real space, zero-pad it to N^3 (centred), 3-D FFT, centre.
@@ -157,13 +169,7 @@ def prepare_reference(volume: np.ndarray, *, pad: int = PAD, kb_width: int = KB_
     Returns a :class:`PreparedReference` (layout there). The map's centre voxel lands on N // 2 of the padded box
     (SPARX ``norm_pad``), which is the phase origin of the transform.
     """
-    vol = np.asarray(volume)
-    if vol.ndim != 3 or len(set(vol.shape)) != 1:
-        raise ValueError(f"volume must be a cube (M, M, M) in numpy order (z, y, x); got shape {vol.shape}")
-    if np.iscomplexobj(vol) or not np.issubdtype(vol.dtype, np.number):
-        raise TypeError(f"volume must be a real array; got dtype {vol.dtype}")
-    if not np.all(np.isfinite(vol)):
-        raise ValueError("volume contains NaN or inf voxels")
+    vol = as_cube(volume)
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation={interpolation!r}; expected one of {INTERPOLATIONS}")
     m = vol.shape[0]

@@ -21,6 +21,7 @@ import numpy as np
 
 from .ctf import CTFParams, ctf_grid
 from .geometry import as_poses, rotation_matrix
+from .gridding import as_cube
 
 #: Non-uniform points per finufft call; bounds the float64/complex128 work arrays to a few hundred MB.
 _POINTS_PER_CALL = 1 << 23
@@ -56,13 +57,7 @@ def project(volume: np.ndarray, poses: np.ndarray, *, ctf: CTFParams | None = No
     """
     import finufft  # a hard dependency, imported here so that `import gpu_ali3d` stays light
 
-    vol = np.asarray(volume)
-    if vol.ndim != 3 or len(set(vol.shape)) != 1:
-        raise ValueError(f"volume must be a cube (M, M, M) in numpy order (z, y, x); got shape {vol.shape}")
-    if np.iscomplexobj(vol) or not np.issubdtype(vol.dtype, np.number):
-        raise TypeError(f"volume must be a real array; got dtype {vol.dtype}")
-    if not np.all(np.isfinite(vol)):
-        raise ValueError("volume contains NaN or inf voxels")
+    vol = as_cube(volume)
     m = vol.shape[0]
     poses = as_poses(poses)
     n = len(poses)
