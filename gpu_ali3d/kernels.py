@@ -48,7 +48,9 @@ KERNEL_DIR = _find_kernel_dir()
 #: must give the answer the GPU gives, on every machine that shares a cache.
 CPU_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-x", "c++")
 #: The exact options cupy.RawModule gets on a GPU (cupy adds the architecture), and CI's NVRTC/nvcc checks use.
-NVRTC_OPTIONS = ("--std=c++17", "-DGPU_ALI3D_CUDA=1")
+#: --fmad=false: no contraction of a*b + c into fma, which the CPU build (baseline x86-64) does not do either, so
+#: both targets round alike (a sample falls into the same voxel, a score agrees to the last bits).
+NVRTC_OPTIONS = ("--std=c++17", "-DGPU_ALI3D_CUDA=1", "--fmad=false")
 #: Threads per block of every GPU launch (a multiple of 32, as block_sum requires).
 GPU_THREADS = 128
 #: Upper bound on the GPU grid; FOR_BLOCKS grid-strides over the rest.

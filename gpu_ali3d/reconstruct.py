@@ -50,6 +50,7 @@ images (bincount), not image by image, so they agree with an image-by-image sum 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +58,7 @@ import scipy.fft
 
 from .ctf import CTFParams, ctf_grid
 from .geometry import as_poses, rotation_matrix
+from .kernels import _check_array
 from .symmetry import symmetry_rotations
 
 #: Side of the neighbour box of nn4_ctf's weighting correction, and the growth rate of its weights.
@@ -115,18 +117,26 @@ def new_accumulator(M: int, *, npad: int = 2, sym: str = "c1", snr: float | None
 
 
 def insert(acc: FourierAccumulator, images: np.ndarray, poses: np.ndarray, *, ctf: CTFParams | None = None,
-           apix_A: float = 1.0) -> None:
+           apix_A: float = 1.0, backend=None, deterministic: bool = True) -> None:
     """Insert images at their poses (and all symmetry mates) into ``acc``, in place (module docstring, steps 1-5).
 
     images : real (n, M, M), numpy order (y, x), centre (M // 2, M // 2). poses : (n, 5) [phi, theta, psi, sx, sy]
     (:mod:`gpu_ali3d.geometry`). ctf : CTFParams of n particles (or one for all) for nn4_ctf insertion, or None.
     apix_A : pixel size in Angstrom, for the CTF only.
+    backend : None for the numpy reference (:func:`insert_transforms`), or a :class:`gpu_ali3d.backend.Backend` for
+        kernels/insert.cu (:func:`insert_transforms_kernel`; ``acc.data`` and ``acc.weights`` must then be arrays of
+        that backend). Steps 1-4 run on the host (numpy) in both cases.
+    deterministic : kernel path only: bitwise repeatable sums (:func:`insert_sums`); False uses plain atomics.
     """
     images = np.asarray(images)
     if images.ndim != 3 or images.shape[1:] != (acc.M, acc.M):
         raise ValueError(f"images have shape {images.shape}; this accumulator takes (n, {acc.M}, {acc.M})")
     transforms, weights = slice_transforms(images, poses, npad=acc.npad, ctf=ctf, apix_A=apix_A)
-    insert_transforms(acc, transforms, weights, poses, ctf=ctf is not None)
+    if backend is None:
+        insert_transforms(acc, transforms, weights, poses, ctf=ctf is not None)
+    else:
+        insert_transforms_kernel(acc, transforms, weights, poses, ctf=ctf is not None, backend=backend,
+                                 deterministic=deterministic)
 
 
 def slice_transforms(images: np.ndarray, poses: np.ndarray, *, npad: int = 2, ctf: CTFParams | None = None,
@@ -186,29 +196,14 @@ def insert_transforms(acc: FourierAccumulator, transforms: np.ndarray, weights: 
     """
     n_p = acc.Np
     half = n_p // 2 + 1
-    if transforms.ndim != 3 or transforms.shape[1:] != (n_p, half):
-        raise ValueError(f"transforms have shape {transforms.shape}; expected (n, {n_p}, {half}) for M={acc.M}, "
-                         f"npad={acc.npad}")
-    n = transforms.shape[0]
-    p = as_poses(poses, n)
-    if ctf != (weights is not None):
-        raise ValueError(f"ctf={ctf} but weights are {'given' if weights is not None else 'None'}; CTF-weighted "
-                         "slices come with their CTF^2 weights, CTF-free ones with None")
-    if weights is not None and (weights.ndim != 3 or weights.shape[0] not in (1, n)
-                                or weights.shape[1:] != transforms.shape[1:]):
-        raise ValueError(f"weights have shape {weights.shape}; expected (1 or {n}, {n_p}, {half})")
-    if acc.ctf is not None and acc.ctf != ctf:
-        raise ValueError("cannot mix images with and without CTF in one accumulator "
-                         f"(it holds {'CTF-weighted' if acc.ctf else 'CTF-free'} data)")
+    n, p = _check_slices(acc, transforms, weights, poses, ctf)
     acc.ctf = ctf
     acc.n_images += n
     if n == 0:
         return
 
     # The half-plane samples that SPARX inserts: kx >= 0, kx^2 + ky^2 < Np^2/4, not (kx = 0 and ky < 0).
-    ky = np.fft.fftfreq(n_p, d=1.0 / n_p).astype(np.int64)[:, None] * np.ones((1, half), np.int64)
-    kx = np.arange(half, dtype=np.int64)[None, :] * np.ones((n_p, 1), np.int64)
-    keep = (kx * kx + ky * ky < (n_p * n_p) // 4) & ~((kx == 0) & (ky < 0))
+    keep, kx, ky = _kept_samples(n_p)
     kx_s, ky_s = kx[keep].astype(np.float64), ky[keep].astype(np.float64)     # (P,)
     values = transforms[:, keep]                                                # (n, P)
     w = None if weights is None else np.broadcast_to(weights[:, keep], values.shape)
@@ -229,6 +224,85 @@ def insert_transforms(acc: FourierAccumulator, transforms: np.ndarray, weights: 
         acc.data.imag[...] += np.bincount(flat, (sign * im).ravel(), size).reshape(shape)
         counts = np.bincount(flat, None if weights is None else w.ravel(), size)
         acc.weights += counts.reshape(shape)
+
+
+def insert_transforms_kernel(acc: FourierAccumulator, transforms, weights, poses: np.ndarray, *, ctf: bool,
+                             backend, deterministic: bool = True) -> None:
+    """:func:`insert_transforms` through kernels/insert.cu, in place: the same voxels, the same sums to float rounding.
+
+    transforms, weights, poses, ctf : as :func:`insert_transforms` (numpy or backend arrays); the transforms are
+    converted to complex64 and the weights to float32 (the kernel's input precision; sums are float64).
+    acc.data, acc.weights : arrays of ``backend`` (on the CPU backend the numpy arrays themselves).
+    deterministic : see :func:`insert_sums`.
+    """
+    xp = backend.xp
+    n, p = _check_slices(acc, transforms, weights, poses, ctf)
+    acc.ctf = ctf
+    acc.n_images += n
+    if n == 0:
+        return
+    ops = symmetry_rotations(acc.sym)
+    rot = rotation_matrix(p[:, 0], p[:, 1], p[:, 2])                            # (n, 3, 3)
+    mates = np.stack([rot @ op for op in ops], axis=1)                          # (n, k, 3, 3): R @ S, as the reference
+    keep, _, _ = _kept_samples(acc.Np)
+    samples = np.flatnonzero(keep).astype(np.int32)
+    insert_sums(backend, xp.ascontiguousarray(xp.asarray(transforms, dtype=np.complex64)),
+                None if weights is None else xp.ascontiguousarray(xp.asarray(weights, dtype=np.float32)),
+                xp.asarray(mates), xp.asarray(samples), acc.data, acc.weights, deterministic=deterministic)
+
+
+def insert_sums(backend, transforms, weights, mates, samples, data, wsum, *, deterministic: bool = True) -> None:
+    """Launch kernels/insert.cu: add every kept sample of every image at every symmetry mate to ``data``/``wsum``.
+
+    transforms : complex64 (n, Np, Np // 2 + 1), C-contiguous backend array (:func:`slice_transforms` layout).
+    weights : float32 (n or 1, Np, Np // 2 + 1) CTF^2, or None (weight 1). mates : float64 (n, k, 3, 3), R @ S per
+    image and symmetry operator. samples : int32 (S,), flat indices of the kept half-plane samples
+    (:func:`_kept_samples`). data : complex128 (Np, Np, Np // 2 + 1), wsum : float64, same shape
+    (:class:`FourierAccumulator` layout), added to in place.
+    deterministic : True: fixed-point sums, exact in float64 and so independent of the order of the additions
+        (bitwise repeatable on any number of threads, CPU or GPU; kernels/insert.cu explains the scales); it costs a
+        zeroed scratch grid of the accumulator's size and one pass over it. False: float64 atomics straight into the
+        accumulator (the last bits follow thread timing).
+    """
+    xp = backend.xp
+    n = transforms.shape[0] if getattr(transforms, "ndim", 0) == 3 else -1
+    n_p = data.shape[0] if getattr(data, "ndim", 0) == 3 else -1
+    half = n_p // 2 + 1
+    _check_array("data", data, np.complex128, (n_p, n_p, half), xp)
+    _check_array("wsum", wsum, np.float64, (n_p, n_p, half), xp)
+    if n_p < 2 or n_p % 2:
+        raise ValueError(f"the padded grid side Np={n_p} must be even and >= 2")
+    _check_array("transforms", transforms, np.complex64, (n, n_p, half), xp)
+    n_w = weights.shape[0] if getattr(weights, "ndim", 0) == 3 else -1
+    if weights is not None:
+        _check_array("weights", weights, np.float32, (n_w if n_w in (1, n) else n, n_p, half), xp)
+    k = mates.shape[1] if getattr(mates, "ndim", 0) == 4 else -1
+    _check_array("mates", mates, np.float64, (n, k, 3, 3), xp)
+    s = samples.shape[0] if getattr(samples, "ndim", 0) == 1 else -1
+    _check_array("samples", samples, np.int32, (s,), xp)
+    if s and (int(samples.min()) < 0 or int(samples.max()) >= n_p * half):
+        raise ValueError(f"samples must index one ({n_p}, {half}) plane; got {int(samples.min())}..{int(samples.max())}")
+    if n == 0 or k == 0 or s == 0:
+        return
+    has_w = weights is not None
+    w_arg = weights if has_w else xp.zeros(1, np.float32)                     # not read when has_weights = 0
+    w_stride = 0 if (not has_w or n_w == 1) else n_p * half
+
+    def launch(out_data, out_w, scale_v, scale_w, mode):
+        backend.kernels.launch("insert", "insert", n * k, [
+            transforms, np.int64(n), np.int32(n_p), samples, np.int32(s), w_arg, np.int64(w_stride), np.int32(has_w),
+            mates, np.int32(k), out_data, out_w, scale_v, scale_w, np.int32(mode)])
+
+    if not deterministic:
+        unused = xp.ones(1, np.float64)
+        launch(data, wsum, unused, unused, 0)
+        return
+    scale_v, scale_w = _shell_scales(xp, transforms, weights, samples, n_p, k)
+    scratch = xp.zeros_like(data)
+    scratch_w = xp.zeros_like(wsum)
+    launch(scratch, scratch_w, scale_v, scale_w, 1)
+    backend.kernels.launch("insert", "insert_unscale", n_p * n_p, [
+        scratch, scratch_w, np.int32(n_p), scale_v, scale_w, data, wsum])
 
 
 def add(acc_a: FourierAccumulator, acc_b: FourierAccumulator) -> FourierAccumulator:
@@ -270,25 +344,28 @@ def finish(acc: FourierAccumulator, *, weighting: bool | None = None) -> np.ndar
 
 
 def reconstruct(images: np.ndarray, poses: np.ndarray, *, ctf: CTFParams | None = None, apix_A: float = 1.0,
-                snr: float | None = 1.0, sym: str = "c1", npad: int = 2, chunk: int = 256) -> np.ndarray:
+                snr: float | None = 1.0, sym: str = "c1", npad: int = 2, chunk: int = 256,
+                backend=None) -> np.ndarray:
     """nn4 (ctf None) or nn4_ctf reconstruction of images at poses: float64 (M, M, M), see :func:`finish`.
 
     Images go through :func:`insert` ``chunk`` at a time, so memory stays bounded for any number of images.
+    backend : None for the numpy reference insertion, or a Backend for kernels/insert.cu (deterministic mode); the
+    accumulator then lives on that backend until ``finish``, which runs on the host.
     """
     acc = _accumulate(images, poses, np.arange(len(images)), ctf=ctf, apix_A=apix_A, snr=snr, sym=sym, npad=npad,
-                      chunk=chunk)
+                      chunk=chunk, backend=backend)
     return finish(acc)
 
 
 def reconstruct_halves(images: np.ndarray, poses: np.ndarray, *, half: np.ndarray | None = None,
                        ctf: CTFParams | None = None, apix_A: float = 1.0, snr: float | None = 1.0, sym: str = "c1",
-                       npad: int = 2, chunk: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       npad: int = 2, chunk: int = 256, backend=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Two half maps and the full map, each float64 (M, M, M): (even, odd, full).
 
     half : int array (n,) of 0 (first, "even" half) and 1 (second, "odd" half), e.g. rlnRandomSubset - 1; None
         splits by image index parity as SPARX's local_ali3d does (images 0, 2, 4, ... and 1, 3, 5, ...).
     The full map is finished from the sum of the two half accumulators, which equals a reconstruction from all
-    images up to float rounding.
+    images up to float rounding. backend : as :func:`reconstruct`.
     """
     n = len(images)
     if half is None:
@@ -298,12 +375,13 @@ def reconstruct_halves(images: np.ndarray, poses: np.ndarray, *, half: np.ndarra
         raise ValueError(f"half must be an array of {n} values, each 0 or 1; got shape {half.shape} with values "
                          f"{np.unique(half)[:5]}")
     accs = [_accumulate(images, poses, np.nonzero(half == h)[0], ctf=ctf, apix_A=apix_A, snr=snr, sym=sym,
-                        npad=npad, chunk=chunk) for h in (0, 1)]
+                        npad=npad, chunk=chunk, backend=backend) for h in (0, 1)]
     return finish(accs[0]), finish(accs[1]), finish(add(accs[0], accs[1]))
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _accumulate(images, poses, which: np.ndarray, *, ctf, apix_A, snr, sym, npad, chunk) -> FourierAccumulator:
+def _accumulate(images, poses, which: np.ndarray, *, ctf, apix_A, snr, sym, npad, chunk,
+                backend=None) -> FourierAccumulator:
     images = np.asarray(images)
     if images.ndim != 3 or images.shape[1] != images.shape[2]:
         raise ValueError(f"images must be square, shape (n, M, M); got {images.shape}")
@@ -313,13 +391,85 @@ def _accumulate(images, poses, which: np.ndarray, *, ctf, apix_A, snr, sym, npad
     if not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise ValueError(f"chunk={chunk!r} must be a positive number of images")
     acc = new_accumulator(images.shape[1], npad=npad, sym=sym, snr=snr)
+    if backend is not None:                     # accumulate on the backend's device, one copy back at the end
+        acc.data, acc.weights = backend.xp.asarray(acc.data), backend.xp.asarray(acc.weights)
     for start in range(0, len(which), chunk):
         sel = which[start:start + chunk]
         part_ctf = None if ctf is None else (ctf if len(ctf) == 1 else ctf[sel])
-        insert(acc, images[sel], poses[sel], ctf=part_ctf, apix_A=apix_A)
+        insert(acc, images[sel], poses[sel], ctf=part_ctf, apix_A=apix_A, backend=backend)
+    if backend is not None:
+        acc.data, acc.weights = backend.to_host(acc.data), backend.to_host(acc.weights)
     if ctf is not None:
         acc.ctf = True  # an empty half of a CTF data set still finishes as nn4_ctf
     return acc
+
+
+def _check_slices(acc, transforms, weights, poses, ctf) -> tuple[int, np.ndarray]:
+    """The shape and CTF checks of :func:`insert_transforms` (both paths). Returns (n, poses as float64 (n, 5))."""
+    n_p = acc.Np
+    half = n_p // 2 + 1
+    if transforms.ndim != 3 or transforms.shape[1:] != (n_p, half):
+        raise ValueError(f"transforms have shape {transforms.shape}; expected (n, {n_p}, {half}) for M={acc.M}, "
+                         f"npad={acc.npad}")
+    n = transforms.shape[0]
+    p = as_poses(poses, n)
+    if ctf != (weights is not None):
+        raise ValueError(f"ctf={ctf} but weights are {'given' if weights is not None else 'None'}; CTF-weighted "
+                         "slices come with their CTF^2 weights, CTF-free ones with None")
+    if weights is not None and (weights.ndim != 3 or weights.shape[0] not in (1, n)
+                                or weights.shape[1:] != transforms.shape[1:]):
+        raise ValueError(f"weights have shape {weights.shape}; expected (1 or {n}, {n_p}, {half})")
+    if acc.ctf is not None and acc.ctf != ctf:
+        raise ValueError("cannot mix images with and without CTF in one accumulator "
+                         f"(it holds {'CTF-weighted' if acc.ctf else 'CTF-free'} data)")
+    return n, p
+
+
+def _kept_samples(n_p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SPARX's inserted half-plane samples of an (Np, Np // 2 + 1) rfft2 plane: kx >= 0, kx^2 + ky^2 < Np^2/4, not
+    (kx = 0 and ky < 0). Returns (keep, kx, ky): bool mask and int64 frequencies, each (Np, Np // 2 + 1)."""
+    half = n_p // 2 + 1
+    ky = np.fft.fftfreq(n_p, d=1.0 / n_p).astype(np.int64)[:, None] * np.ones((1, half), np.int64)
+    kx = np.arange(half, dtype=np.int64)[None, :] * np.ones((n_p, 1), np.int64)
+    keep = (kx * kx + ky * ky < (n_p * n_p) // 4) & ~((kx == 0) & (ky < 0))
+    return keep, kx, ky
+
+
+def _shell_scales(xp, transforms, weights, samples, n_p: int, n_mates: int):
+    """The power-of-two scales of the deterministic insert, per shell sh = floor(|i|) of voxel coordinates i.
+
+    A sample k reaches a voxel i with | |i| - |k| | < sqrt(3)/2, so the voxels of shell sh only receive samples with
+    floor(|k|) in sh - 1 .. sh + 1; B[sh] = n_mates * (sum of |value| over those samples of every image) bounds the
+    sum of |contributions| to any voxel of the shell, and scale = 2^(51 - e) with B < 2^e keeps every fixed-point
+    partial sum below 2^52 (exact in float64). Returns (scale_v, scale_w): float64 (n_shells,) backend arrays.
+    """
+    n = transforms.shape[0]
+    half = n_p // 2 + 1
+    n_shells = math.isqrt(3 * (n_p // 2) ** 2) + 2
+    _, kx, ky = _kept_samples(n_p)
+    r2 = xp.asarray((kx * kx + ky * ky).ravel())[samples]                    # (S,) int64 |k|^2
+    bins = xp.floor(xp.sqrt(r2.astype(np.float64))).astype(np.int64)           # floor(|k|), made exact:
+    bins -= (bins * bins > r2).astype(np.int64)
+    bins += ((bins + 1) * (bins + 1) <= r2).astype(np.int64)
+    values = transforms.reshape(n, n_p * half)[:, samples]
+    abs_v = xp.abs(values.astype(np.complex128)).sum(axis=0)                  # (S,) float64
+    if weights is None:
+        abs_w = xp.full(samples.shape[0], float(n), np.float64)
+    else:
+        w = xp.abs(weights.reshape(weights.shape[0], n_p * half)[:, samples].astype(np.float64)).sum(axis=0)
+        abs_w = w * (n if weights.shape[0] == 1 else 1)
+
+    def scales(per_sample):
+        a = xp.zeros(n_shells + 2, np.float64)
+        a[1:n_shells + 1] = xp.bincount(bins, weights=per_sample, minlength=n_shells)[:n_shells] * n_mates
+        bound = a[:-2] + a[1:-1] + a[2:]                                       # B[sh] = A[sh-1] + A[sh] + A[sh+1]
+        if not bool(xp.isfinite(bound).all()):
+            raise ValueError("the transforms or weights hold NaN or infinite values; check the input images and CTF")
+        _, e = xp.frexp(bound)                                                 # bound < 2^e
+        e = xp.where(bound > 0, xp.clip(51 - e, -1000, 1000), 0)
+        return xp.ascontiguousarray(xp.ldexp(xp.ones(n_shells), e.astype(np.int32)))
+
+    return scales(abs_v), scales(abs_w)
 
 
 def _signed(n: int) -> np.ndarray:

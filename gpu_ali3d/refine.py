@@ -202,7 +202,8 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
     if opts.device != "reference":
         from .backend import make_backend
         backend = make_backend(opts.device)
-        backend.kernels.load("score")        # compile (or find in the cache) before the first iteration
+        for module in ("score", "insert"):      # compile (or find in the cache) before the first iteration
+            backend.kernels.load(module)
     n, box, apix = len(stack), stack.box, stack.apix_A
     ou, mask, half, ctf = setup.ou, setup.mask, setup.half, setup.ctf
     if resumed:
@@ -224,7 +225,7 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
             if opts.center == -1:
                 poses = centre_data(poses)
             volf, curve, (cutoff, falloff) = _reference(images, poses, half, ctf, apix, mask, opts, user_function,
-                                                        outdir, iteration, ic)
+                                                        backend, outdir, iteration, ic)
             state.curves.append((iteration, ic, curve))
             rec.fsc05_A, rec.fsc0143_A = _resolutions(curve, apix)
             rec.tanh_cutoff = cutoff
@@ -271,13 +272,14 @@ def _write_headers(source_path: Path, original: ParticleStack, refined: Particle
     _say(f"wrote the refined poses into {source_path} (previous poses: {outdir / 'previous_poses.txt'})")
 
 
-def _reference(images, poses, half, ctf, apix, mask, opts, user_function, outdir, iteration, ic):
-    """Half maps, masked FSC, full map and the user function's reference; writes vol, volf and resolution."""
+def _reference(images, poses, half, ctf, apix, mask, opts, user_function, backend, outdir, iteration, ic):
+    """Half maps, masked FSC, full map and the user function's reference; writes vol, volf and resolution.
+    backend None: numpy reference insertion; else kernels/insert.cu (deterministic mode) on that backend."""
     from .reconstruct import reconstruct_halves
     from .resolution import fit_tanh, fsc_mask, fsc_text
 
     even, odd, full = reconstruct_halves(images, poses, half=half, ctf=ctf, apix_A=apix, snr=opts.snr, sym=opts.sym,
-                                         npad=opts.npad)
+                                         npad=opts.npad, backend=backend)
     curve = fsc_mask(even, odd, mask)
     tag = f"{iteration:03d}_{ic:03d}"
     with atomic_path(outdir / f"resolution{tag}", overwrite=True) as tmp:
