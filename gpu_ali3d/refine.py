@@ -353,7 +353,7 @@ def memory_estimate_bytes(n: int, box: int, opts: RefineOptions) -> int:
     and one alignment batch of prepared images (float64/complex128)."""
     npad_box = opts.npad * box
     images = n * box * box * 4
-    accumulators = 3 * npad_box ** 2 * (npad_box // 2 + 1) * (16 + 8)
+    accumulators = 4 * npad_box ** 2 * (npad_box // 2 + 1) * (16 + 8)    # two halves, their sum, scratch
     reference = (2 * box + 7) ** 2 * (box + 7) * 16
     batch = min(n, ALIGN_BATCH) * (2 * box) ** 2 // 2 * (16 + 8)
     return images + accumulators + reference + batch
