@@ -21,7 +21,7 @@ def refined(tmp_path_factory):
     write_stack(stack, tmp / "sim.star")
     before = (tmp / "sim.star").read_bytes()
     result = local_ali3d(str(tmp / "sim.star"), tmp / "out", maxit=2, CTF=True, interpolation="trilinear",
-                         progress=False)
+                         debug=True, progress=False)
     return tmp, stack, truth, result, before
 
 
@@ -61,6 +61,11 @@ def test_outputs_written_and_input_untouched(refined):
     columns = np.loadtxt(out / "resolution000_000")
     assert columns.shape[1] == 3 and columns[0, 0] == 0 and columns[-1, 0] == pytest.approx(0.5, abs=0.02)
     assert "criterion" in (out / "log.txt").read_text()
+    # --debug: one line per image and aligning iteration: old and new parameters with their criterion
+    lines = (out / "progress.txt").read_text().splitlines()
+    assert len(lines) == 2 * len(stack)
+    first = lines[0].split()
+    assert first[3] == "old" and first[10] == "new" and len(first) == 17
 
 
 def test_existing_outdir_refused(refined):
