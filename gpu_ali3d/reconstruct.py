@@ -367,6 +367,17 @@ def reconstruct_halves(images: np.ndarray, poses: np.ndarray, *, half: np.ndarra
     The full map is finished from the sum of the two half accumulators, which equals a reconstruction from all
     images up to float rounding. backend : as :func:`reconstruct`.
     """
+    accs = accumulate_halves(images, poses, half=half, ctf=ctf, apix_A=apix_A, snr=snr, sym=sym, npad=npad,
+                             chunk=chunk, backend=backend)
+    return finish(accs[0]), finish(accs[1]), finish(add(accs[0], accs[1]))
+
+
+def accumulate_halves(images: np.ndarray, poses: np.ndarray, *, half: np.ndarray | None = None,
+                      ctf: CTFParams | None = None, apix_A: float = 1.0, snr: float | None = 1.0, sym: str = "c1",
+                      npad: int = 2, chunk: int = 256, backend=None) -> tuple[FourierAccumulator, FourierAccumulator]:
+    """The two half-set accumulators (host arrays) of :func:`reconstruct_halves`, before ``finish``: what an MPI
+    rank computes from its own particles (``half`` is then its slice of the global assignment) and
+    :func:`gpu_ali3d.parallel.reduce_accumulator` sums over ranks. Arguments as :func:`reconstruct_halves`."""
     n = len(images)
     if half is None:
         half = np.arange(n) % 2
@@ -374,9 +385,8 @@ def reconstruct_halves(images: np.ndarray, poses: np.ndarray, *, half: np.ndarra
     if half.shape != (n,) or not np.isin(half, (0, 1)).all():
         raise ValueError(f"half must be an array of {n} values, each 0 or 1; got shape {half.shape} with values "
                          f"{np.unique(half)[:5]}")
-    accs = [_accumulate(images, poses, np.nonzero(half == h)[0], ctf=ctf, apix_A=apix_A, snr=snr, sym=sym,
-                        npad=npad, chunk=chunk, backend=backend) for h in (0, 1)]
-    return finish(accs[0]), finish(accs[1]), finish(add(accs[0], accs[1]))
+    return tuple(_accumulate(images, poses, np.nonzero(half == h)[0], ctf=ctf, apix_A=apix_A, snr=snr, sym=sym,
+                             npad=npad, chunk=chunk, backend=backend) for h in (0, 1))
 
 
 # ----------------------------------------------------------------------------------------------- helpers

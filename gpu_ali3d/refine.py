@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import parallel
 from .geometry import POSE_COLUMNS, angular_distance, euler_from_matrix, rotation_matrix, shift_distance
 from .io.atomic import atomic_path
 from .io.formats import read_stack, read_volume, stack_format, write_stack, write_volume
@@ -71,25 +72,27 @@ def local_ali3d(stack, outdir, maskfile=None, *, options: RefineOptions | None =
     Writes vol/volf/resolution files per iteration and chunk, params_%03d.txt, particles.star, a refined copy of
     the stack in its own format, log.txt, summary.json, fsc.png and a checkpoint after every chunk
     (:func:`continue_local_ali3d` resumes from it).
+    Under mpiexec/mpirun (:mod:`gpu_ali3d.parallel`) every rank calls this; each reads and aligns its own block of
+    particles, rank 0 alone writes outdir, and an error on any rank stops all of them.
     """
-    if options is not None and overrides:
-        raise TypeError("give either options= or keyword overrides, not both")
-    opts = options if options is not None else RefineOptions(**overrides)
-    outdir = Path(outdir)
-    if outdir.exists():
-        raise FileExistsError(f"{outdir}: output directory already exists; choose a new name "
-                              "(or resume it with --continue)")
-    source_path = None
-    if not isinstance(stack, ParticleStack):
-        source_path = Path(stack).resolve()
-        stack = read_stack(source_path)
-    if opts.write_headers and source_path is None:
-        raise ValueError("write_headers needs a stack given as a file path")
-    setup = _setup(stack, opts, maskfile)
-    outdir.mkdir(parents=True)
-    state = _State(poses=stack.poses.copy())
-    _save_job(outdir, opts, source_path, maskfile)
-    return _with_log(outdir, lambda: _run(stack, source_path, outdir, opts, setup, state, progress))
+    comm = parallel.world()
+    with parallel.abort_on_error(comm):
+        if options is not None and overrides:
+            raise TypeError("give either options= or keyword overrides, not both")
+        opts = options if options is not None else RefineOptions(**overrides)
+        outdir = Path(outdir)
+        parallel.on_root(comm, lambda: _check_new_outdir(outdir))
+        source_path = None
+        if not isinstance(stack, ParticleStack):
+            source_path = Path(stack).resolve()
+            stack = read_stack(source_path)
+        if opts.write_headers and source_path is None:
+            raise ValueError("write_headers needs a stack given as a file path")
+        setup = _setup(stack, opts, maskfile)
+        parallel.on_root(comm, lambda: _create_outdir(outdir, opts, source_path, maskfile))
+        state = _State(poses=stack.poses.copy())
+        return _with_log(outdir, lambda: _run(stack, source_path, outdir, opts, setup, state, progress, comm=comm),
+                         comm)
 
 
 def continue_local_ali3d(outdir, *, progress: bool = True) -> RefineResult:
@@ -98,21 +101,26 @@ def continue_local_ali3d(outdir, *, progress: bool = True) -> RefineResult:
     The options, input and mask are those of the original run (outdir/job.json); the result equals that of an
     uninterrupted run, because every step depends only on the poses and options saved in the checkpoint.
     """
-    outdir = Path(outdir)
-    job_path = outdir / "job.json"
-    if not job_path.is_file():
-        raise FileNotFoundError(f"{outdir}: no job.json here; is this a gpu-ali3d refine output directory?")
-    job = json.loads(job_path.read_text())
-    opts = RefineOptions(**job["options"])
-    if job["stack"] is None:
-        raise ValueError(f"{outdir}: the run was given an in-memory stack; it cannot be resumed from files")
-    stack = read_stack(job["stack"])
-    setup = _setup(stack, opts, job["maskfile"])
-    state = _State.load(outdir, len(stack)) if (outdir / CHECKPOINT).is_file() else _State(poses=stack.poses.copy())
-    if state.done:
-        raise ValueError(f"{outdir}: this refinement finished already; nothing to continue")
-    return _with_log(outdir, lambda: _run(stack, Path(job["stack"]), outdir, opts, setup, state, progress,
-                                          resumed=True))
+    comm = parallel.world()
+    with parallel.abort_on_error(comm):
+        outdir = Path(outdir)
+        job = parallel.on_root(comm, lambda: _load_job(outdir))       # only rank 0 reads outdir
+        opts = RefineOptions(**job["options"])
+        if job["stack"] is None:
+            raise ValueError(f"{outdir}: the run was given an in-memory stack; it cannot be resumed from files")
+        stack = read_stack(job["stack"])
+        setup = _setup(stack, opts, job["maskfile"])
+
+        def load_state():
+            state = (_State.load(outdir, len(stack)) if (outdir / CHECKPOINT).is_file()
+                     else _State(poses=stack.poses.copy()))
+            if state.done:
+                raise ValueError(f"{outdir}: this refinement finished already; nothing to continue")
+            return state
+
+        state = parallel.on_root(comm, load_state)
+        return _with_log(outdir, lambda: _run(stack, Path(job["stack"]), outdir, opts, setup, state, progress,
+                                              resumed=True, comm=comm), comm)
 
 
 # ----------------------------------------------------------------------------------------------------- driver
@@ -174,6 +182,24 @@ def _setup(stack: ParticleStack, opts: RefineOptions, maskfile) -> _Setup:
                   ctf=stack.ctf if opts.CTF else None)
 
 
+def _check_new_outdir(outdir: Path) -> None:
+    if outdir.exists():
+        raise FileExistsError(f"{outdir}: output directory already exists; choose a new name "
+                              "(or resume it with --continue)")
+
+
+def _create_outdir(outdir: Path, opts: RefineOptions, source_path, maskfile) -> None:
+    outdir.mkdir(parents=True)
+    _save_job(outdir, opts, source_path, maskfile)
+
+
+def _load_job(outdir: Path) -> dict:
+    job_path = outdir / "job.json"
+    if not job_path.is_file():
+        raise FileNotFoundError(f"{outdir}: no job.json here; is this a gpu-ali3d refine output directory?")
+    return json.loads(job_path.read_text())
+
+
 def _save_job(outdir: Path, opts: RefineOptions, source_path, maskfile) -> None:
     job = {"options": {k: getattr(opts, k) for k in RefineOptions.field_names()},
            "stack": None if source_path is None else str(source_path),
@@ -182,7 +208,9 @@ def _save_job(outdir: Path, opts: RefineOptions, source_path, maskfile) -> None:
         tmp.write_text(json.dumps(job, indent=1))
 
 
-def _with_log(outdir: Path, body):
+def _with_log(outdir: Path, body, comm=None):
+    if comm is not None and comm.rank != 0:          # only rank 0 writes outdir (and log.txt)
+        return body()
     handler = logging.FileHandler(outdir / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.addHandler(handler)
@@ -194,25 +222,34 @@ def _with_log(outdir: Path, body):
         handler.close()
 
 
-def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progress, resumed=False) -> RefineResult:
+def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progress, resumed=False,
+         comm=None) -> RefineResult:
     from .user_functions import load_user_function
 
+    comm = parallel.SerialComm() if comm is None else comm
+    root = comm.rank == 0
+    say = _say if root else (lambda text: None)           # rank 0 alone prints and logs
+    progress = progress and root
     user_function = load_user_function(opts.function)
     backend = None
     if opts.device != "reference":
         from .backend import make_backend
         backend = make_backend(opts.device)
+        parallel.select_device(backend, comm)   # one GPU per rank: node-local rank -> device
         for module in ("score", "insert"):      # compile (or find in the cache) before the first iteration
             backend.kernels.load(module)
     n, box, apix = len(stack), stack.box, stack.apix_A
     ou, mask, half, ctf = setup.ou, setup.mask, setup.half, setup.ctf
     if resumed:
-        _say(f"resuming at iteration {state.next_iteration + 1}, chunk {state.next_chunk + 1}")
-    _say(f"gpu-ali3d local refinement: {n} particles, box {box}, {apix:g} A/px, ou {ou}, delta {opts.delta:g}, "
-         f"ts {opts.ts:g}, maxit {opts.maxit}, chunk {opts.chunk:g}, CTF {'on' if ctf is not None else 'off'}, "
-         f"sym {opts.sym}, interpolation {opts.interpolation}, device {backend.name if backend else 'reference'}")
-    _say(f"memory estimate: {memory_estimate_bytes(n, box, opts) / 2**20:.0f} MiB")
-    images = stack.read_images()
+        say(f"resuming at iteration {state.next_iteration + 1}, chunk {state.next_chunk + 1}")
+    say(f"gpu-ali3d local refinement: {n} particles, box {box}, {apix:g} A/px, ou {ou}, delta {opts.delta:g}, "
+        f"ts {opts.ts:g}, maxit {opts.maxit}, chunk {opts.chunk:g}, CTF {'on' if ctf is not None else 'off'}, "
+        f"sym {opts.sym}, interpolation {opts.interpolation}, device {backend.name if backend else 'reference'}")
+    say(f"memory estimate: {memory_estimate_bytes(n, box, opts) / 2**20:.0f} MiB")
+    lo, hi = parallel.block(n, comm.rank, comm.size)      # this rank's particles; it reads only their images
+    if comm.size > 1:
+        say(f"MPI: {comm.size} ranks, {hi - lo} particles on rank 0")
+    images = stack.read_images(slice(lo, hi))
     poses = state.poses
     chunks = _chunks(n, opts.chunk)
     for iteration in range(state.next_iteration, opts.maxit + 1):
@@ -223,44 +260,51 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
             t0 = time.perf_counter()
             rec = IterationRecord(iteration, ic)
             if opts.center == -1:
-                poses = centre_data(poses)
+                poses = parallel.on_root(comm, lambda: centre_data(poses))   # one answer for every rank
             volf, curve, (cutoff, falloff) = _reference(images, poses, half, ctf, apix, mask, opts, user_function,
-                                                        backend, outdir, iteration, ic)
+                                                        backend, outdir, iteration, ic, comm=comm, first=lo)
             state.curves.append((iteration, ic, curve))
             rec.fsc05_A, rec.fsc0143_A = _resolutions(curve, apix)
             rec.tanh_cutoff = cutoff
             if not last:
                 old = poses[members].copy()
-                new, before, after, kmax = _align(images[members], old, volf, ctf[members] if ctf is not None else None,
+                mine = members[(members >= lo) & (members < hi)]          # this rank's part of the chunk
+                new, before, after, kmax = _align(images[mine - lo], poses[mine], volf,
+                                                  ctf[mine] if ctf is not None else None,
                                                   apix, ou, opts, cutoff, falloff, backend, progress,
                                                   f"iteration {iteration + 1}/{opts.maxit}")
+                if comm.size > 1:       # blocks are contiguous and in rank order: concatenation is chunk order
+                    new, before, after = (np.concatenate(comm.allgather(a)) for a in (new, before, after))
                 poses[members] = new
                 rec.kmax_px = kmax
                 rec.criterion_before, rec.criterion_after = float(before.mean()), float(after.mean())
                 rec.mean_angle_change_deg = float(angular_distance(old, new).mean())
                 rec.mean_shift_change_px = float(shift_distance(old, new).mean())
-                if opts.debug:
+                if opts.debug and root:
                     _write_debug(outdir, iteration, ic, members, old, new, before, after)
             rec.wall_s = time.perf_counter() - t0
             state.records.append(rec)
-            _say(_summary_line(rec, opts.maxit))
-            if ic == len(chunks) - 1 and not last:
-                _write_params(outdir / f"params_{iteration:03d}.txt", poses)
+            say(_summary_line(rec, opts.maxit))
             state.poses = poses
             state.next_iteration, state.next_chunk = (iteration, ic + 1) if ic + 1 < len(chunks) else (iteration + 1, 0)
-            state.save(outdir)
-            _write_json(outdir / "summary.json", [asdict(r) for r in state.records])
-    _plot_fsc(outdir / "fsc.png", state.curves, apix)
+            if root:
+                if ic == len(chunks) - 1 and not last:
+                    _write_params(outdir / f"params_{iteration:03d}.txt", poses)
+                state.save(outdir)
+                _write_json(outdir / "summary.json", [asdict(r) for r in state.records])
     refined = ParticleStack(images=stack.images, poses=poses, apix_A=stack.apix_A, ctf=stack.ctf,
                             image_refs=stack.image_refs, meta=stack.meta)
+    state.done = True
+    if not root:
+        return RefineResult(poses=poses, records=state.records, outdir=outdir)
+    _plot_fsc(outdir / "fsc.png", state.curves, apix)
     write_stack(refined, outdir / "particles.star", overwrite=True)
     if source_path is not None and stack_format(source_path) != "star":
         write_stack(refined, outdir / f"refined{source_path.suffix}", overwrite=True)
     if opts.write_headers:
         _write_headers(source_path, stack, refined, outdir)
-    state.done = True
     state.save(outdir)
-    _say(f"done: final poses in {outdir / 'particles.star'}")
+    say(f"done: final poses in {outdir / 'particles.star'}")
     return RefineResult(poses=poses, records=state.records, outdir=outdir)
 
 
@@ -272,23 +316,47 @@ def _write_headers(source_path: Path, original: ParticleStack, refined: Particle
     _say(f"wrote the refined poses into {source_path} (previous poses: {outdir / 'previous_poses.txt'})")
 
 
-def _reference(images, poses, half, ctf, apix, mask, opts, user_function, backend, outdir, iteration, ic):
+def _reference(images, poses, half, ctf, apix, mask, opts, user_function, backend, outdir, iteration, ic, *,
+               comm=None, first=0):
     """Half maps, masked FSC, full map and the user function's reference; writes vol, volf and resolution.
-    backend None: numpy reference insertion; else kernels/insert.cu (deterministic mode) on that backend."""
-    from .reconstruct import reconstruct_halves
+    backend None: numpy reference insertion; else kernels/insert.cu (deterministic mode) on that backend.
+    MPI (comm of several ranks): images are this rank's block, particles first .. first + len(images) - 1 of the
+    global poses, half and ctf; the half-set accumulators are summed on rank 0 (:func:`parallel.reduce_accumulator`,
+    fixed order), which finishes, filters and writes, and every rank gets the same (volf, curve, tanh fit)."""
+    from .reconstruct import accumulate_halves, add, finish
     from .resolution import fit_tanh, fsc_mask, fsc_text
 
-    even, odd, full = reconstruct_halves(images, poses, half=half, ctf=ctf, apix_A=apix, snr=opts.snr, sym=opts.sym,
-                                         npad=opts.npad, backend=backend)
-    curve = fsc_mask(even, odd, mask)
-    tag = f"{iteration:03d}_{ic:03d}"
-    with atomic_path(outdir / f"resolution{tag}", overwrite=True) as tmp:
-        tmp.write_text(fsc_text(curve))
-    write_volume(outdir / f"vol{tag}.hdf", full.astype(np.float32), apix, overwrite=True)
-    volf, _centre = user_function([mask, opts.center if opts.center == 1 else 0, full, curve])
-    volf = np.asarray(volf, dtype=np.float64)
-    write_volume(outdir / f"volf{tag}.hdf", volf.astype(np.float32), apix, overwrite=True)
-    return volf, curve, fit_tanh(curve)
+    comm = parallel.SerialComm() if comm is None else comm
+    if comm.size > 1:
+        mine = slice(first, first + len(images))
+        poses, half, ctf = poses[mine], half[mine], (None if ctf is None else ctf[mine])
+    accs = accumulate_halves(images, poses, half=half, ctf=ctf, apix_A=apix, snr=opts.snr, sym=opts.sym,
+                             npad=opts.npad, backend=backend)
+    accs = [parallel.reduce_accumulator(acc, comm) for acc in accs]       # None off rank 0
+
+    def prepare():
+        even, odd, full = finish(accs[0]), finish(accs[1]), finish(add(accs[0], accs[1]))
+        curve = fsc_mask(even, odd, mask)
+        tag = f"{iteration:03d}_{ic:03d}"
+        with atomic_path(outdir / f"resolution{tag}", overwrite=True) as tmp:
+            tmp.write_text(fsc_text(curve))
+        write_volume(outdir / f"vol{tag}.hdf", full.astype(np.float32), apix, overwrite=True)
+        volf, _centre = user_function([mask, opts.center if opts.center == 1 else 0, full, curve])
+        volf = np.asarray(volf, dtype=np.float64)
+        write_volume(outdir / f"volf{tag}.hdf", volf.astype(np.float32), apix, overwrite=True)
+        return volf, curve, fit_tanh(curve)
+
+    if comm.size == 1:
+        return prepare()
+    kept = {}
+
+    def prepare_on_root():
+        kept["volf"], curve, tanh = prepare()
+        return curve, tanh
+
+    curve, tanh = parallel.on_root(comm, prepare_on_root)
+    volf = parallel.bcast_array(kept.get("volf"), comm)                   # chunked: no pickle of a large map
+    return volf, curve, tanh
 
 
 def _align(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, backend, progress, label):
