@@ -15,8 +15,8 @@ import numpy as np
 
 from ..ctf import from_relion
 from ..geometry import cryosparc_from_spider, spider_from_cryosparc
-from .atomic import atomic_path, refuse_existing
-from .mrc import MrcStackImages, mrc_refs, mrc_voxel_size, write_mrc_stack
+from .atomic import refuse_existing
+from .mrc import MrcStackImages, mrc_voxel_size, plan_image_refs, write_with_images
 from .stack import ParticleStack
 
 _POSE_FIELDS = ("alignments3D/pose", "alignments3D/shift")
@@ -89,36 +89,9 @@ def write_cs(stack: ParticleStack, path: str | os.PathLike, *, overwrite: bool =
     path = Path(path)
     if not overwrite:
         refuse_existing(path)
-    n = len(stack)
-    refs = mrc_refs(stack.images)
-    mrcs_path = None
-    if refs is None:
-        mrcs_path = path.parent / (path.stem + ".mrcs")
-        if mrcs_path == path:
-            raise ValueError(f"{path}: a .cs output must not be named .mrcs (the images go to {mrcs_path})")
-        if not overwrite:
-            refuse_existing(mrcs_path)
-        files, index = [mrcs_path.name] * n, np.arange(n)
-    else:
-        here = os.path.abspath(path.parent)
-        rel = {f: Path(os.path.relpath(os.path.abspath(f), here)).as_posix() for f, _ in set(refs)}
-        files, index = [rel[f] for f, _ in refs], np.array([i for _, i in refs])
+    mrcs_path, files, index = plan_image_refs(stack, path, kind=".cs", overwrite=overwrite)
     table = _table(stack, files, index)
-
-    committed: list[Path] = []
-    try:
-        with atomic_path(path, overwrite=overwrite) as tmp:
-            if mrcs_path is not None:
-                with atomic_path(mrcs_path, overwrite=overwrite) as tmp_mrcs:
-                    write_mrc_stack(tmp_mrcs, stack.images, stack.apix_A, overwrite=True)
-                    _save(table, tmp)
-                committed.append(mrcs_path)
-            else:
-                _save(table, tmp)
-    except BaseException:
-        for p in committed:
-            p.unlink(missing_ok=True)
-        raise
+    write_with_images(path, mrcs_path, stack, lambda tmp: _save(table, tmp), overwrite=overwrite)
     return path
 
 

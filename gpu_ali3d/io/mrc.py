@@ -154,6 +154,49 @@ def mrc_refs(source) -> list[tuple[Path, int]] | None:
     return source.refs()
 
 
+def plan_image_refs(stack: ParticleStack, path: Path, *, kind: str, overwrite: bool
+                    ) -> tuple[Path | None, list[str], np.ndarray]:
+    """Where a metadata file written at ``path`` finds the stack's images, for STAR and .cs writers.
+
+    Images already in MRC files are referenced; anything else (HDF, memory) goes to a new ``<stem>.mrcs`` beside
+    ``path``. Returns (the new .mrcs path or None, each image's file relative to path's directory (posix), each
+    image's 0-based index in it). kind names the metadata format in messages. Refuses an existing new .mrcs unless
+    overwrite.
+    """
+    refs = mrc_refs(stack.images)
+    if refs is None:
+        mrcs_path = path.parent / (path.stem + ".mrcs")
+        if mrcs_path == path:
+            raise ValueError(f"{path}: a {kind} output must not be named .mrcs (the images go to {mrcs_path})")
+        if not overwrite and mrcs_path.exists():
+            raise FileExistsError(f"{mrcs_path}: output already exists; remove it or choose another name")
+        return mrcs_path, [mrcs_path.name] * len(stack), np.arange(len(stack))
+    here = os.path.abspath(path.parent)
+    rel = {f: Path(os.path.relpath(os.path.abspath(f), here)).as_posix() for f in {f for f, _ in refs}}
+    return None, [rel[f] for f, _ in refs], np.array([i for _, i in refs], dtype=np.int64)
+
+
+def write_with_images(path: Path, mrcs_path: Path | None, stack: ParticleStack, write_metadata, *,
+                      overwrite: bool) -> None:
+    """Write a metadata file (``write_metadata(tmp_path)``) and, when mrcs_path is given, the stack's images
+    there: all or nothing. Both are completed under temporary names; the .mrcs is renamed first, then the
+    metadata, and a failure of the last step removes the new .mrcs."""
+    committed: list[Path] = []
+    try:
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            if mrcs_path is not None:
+                with atomic_path(mrcs_path, overwrite=overwrite) as tmp_mrcs:
+                    write_mrc_stack(tmp_mrcs, stack.images, stack.apix_A, overwrite=True)
+                    write_metadata(tmp)
+                committed.append(mrcs_path)
+            else:
+                write_metadata(tmp)
+    except BaseException:
+        for p in committed:
+            p.unlink(missing_ok=True)
+        raise
+
+
 def read_mrc_stack(path: str | os.PathLike) -> ParticleStack:
     """A bare MRC stack (.mrcs) as a ParticleStack: zero poses, no CTF, pixel size from the header (1.0 if 0).
 

@@ -28,8 +28,8 @@ import starfile
 
 from ..ctf import from_relion, to_relion
 from ..geometry import relion_to_spider, spider_to_relion
-from .atomic import atomic_path, refuse_existing
-from .mrc import MrcStackImages, mrc_refs, mrc_voxel_size, write_mrc_stack
+from .atomic import refuse_existing
+from .mrc import MrcStackImages, mrc_voxel_size, plan_image_refs, write_with_images
 from .stack import ParticleStack
 
 #: Prefix of the ``stack.meta`` keys that hold the optics table, one value per particle.
@@ -140,33 +140,11 @@ def write_star(stack: ParticleStack, path: str | os.PathLike, *, version: str = 
     path = Path(path)
     if not overwrite:
         refuse_existing(path)
-    refs = mrc_refs(stack.images)
-    mrcs_path = None
-    if refs is None:
-        mrcs_path = path.parent / (path.stem + ".mrcs")
-        if mrcs_path == path:
-            raise ValueError(f"{path}: a STAR output must not be named .mrcs (the images go to {mrcs_path})")
-        if not overwrite:
-            refuse_existing(mrcs_path)
-        names = [f"{i + 1:06d}@{mrcs_path.name}" for i in range(len(stack))]
-    else:
-        names = _relative_names(refs, path.parent)
-
+    mrcs_path, files, index = plan_image_refs(stack, path, kind="STAR", overwrite=overwrite)
+    names = [f"{i + 1:06d}@{f}" for f, i in zip(files, index)]
     blocks = _tables_31(stack, names) if version == "3.1" else {"": _table_30(stack, names)}
-    committed: list[Path] = []
-    try:
-        with atomic_path(path, overwrite=overwrite) as tmp_star:
-            if mrcs_path is not None:
-                with atomic_path(mrcs_path, overwrite=overwrite) as tmp_mrcs:
-                    write_mrc_stack(tmp_mrcs, stack.images, stack.apix_A, overwrite=True)
-                    starfile.write(blocks, tmp_star, float_format=_FLOAT_FORMAT)
-                committed.append(mrcs_path)
-            else:
-                starfile.write(blocks, tmp_star, float_format=_FLOAT_FORMAT)
-    except BaseException:
-        for p in committed:
-            p.unlink(missing_ok=True)
-        raise
+    write_with_images(path, mrcs_path, stack,
+                      lambda tmp: starfile.write(blocks, tmp, float_format=_FLOAT_FORMAT), overwrite=overwrite)
     return path
 
 
@@ -312,17 +290,6 @@ def _ctf(path: Path, cols: dict):
 
 
 # ----------------------------------------------------------------------------------------------- write helpers
-def _relative_names(refs, star_dir: Path) -> list[str]:
-    star_abs = os.path.abspath(star_dir)
-    rel = {}
-    out = []
-    for f, i in refs:
-        if f not in rel:
-            rel[f] = Path(os.path.relpath(os.path.abspath(f), star_abs)).as_posix()
-        out.append(f"{i + 1:06d}@{rel[f]}")
-    return out
-
-
 def _particle_columns(stack: ParticleStack, names: list[str], origins: str) -> dict[str, np.ndarray]:
     rel = spider_to_relion(stack.poses, stack.apix_A)
     cols: dict[str, np.ndarray] = {"rlnImageName": np.asarray(names, dtype=object)}
