@@ -58,6 +58,8 @@ CASES = [  # M, n images, sym, CTF (none / one for all / one each), deterministi
     (33, 12, "d2", "one", True),
     (64, 300, "c1", "each", True),
     (64, 20, "d2", "none", False),
+    (65, 30, "c1", "each", True),
+    (128, 6, "c1", "each", True),
 ]
 
 

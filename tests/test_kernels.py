@@ -104,9 +104,11 @@ def test_score_parity_options(backend, case):
     np.testing.assert_allclose(sums[:, 1], _reference_power(ref, prep, poses, idx), rtol=RTOL)
 
 
-def test_score_parity_m64(backend):
-    rng = np.random.default_rng(64)
-    ref, prep, poses, idx = _problem(rng, 64, 8, 40)
+@pytest.mark.parametrize("M, n_img, n_pairs", [(64, 8, 40), (65, 6, 24), (128, 3, 6), (24, 50, 1500)])
+def test_score_parity_sizes(backend, M, n_img, n_pairs):
+    # the sizes 32, 64, 65, 128, and a batch of thousands-ish pairs at a small box
+    rng = np.random.default_rng(M + n_pairs)
+    ref, prep, poses, idx = _problem(rng, M, n_img, n_pairs)
     expected = score.score(ref, prep, poses, image_index=idx, path="reference")
     got, _ = _run(backend, ref, prep, poses, idx)
     np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
