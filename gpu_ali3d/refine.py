@@ -373,6 +373,9 @@ def _align(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, backend, p
     to_host = (lambda a: a) if backend is None else backend.to_host
     ref = prepare_reference(volf, pad=2, interpolation=opts.interpolation)
     kmax = ref.N * min(0.5, cutoff + falloff)          # current resolution (tanh cut-off plus fall-off), padded units
+    if backend is not None:
+        from .kernels import kernel_reference
+        ref = kernel_reference(backend, ref)           # once per reference: every batch shares the device copy
     new = np.empty_like(poses)
     before = np.empty(len(poses))
     after = np.empty(len(poses))

@@ -178,18 +178,21 @@ def prepare_images(images, ou: float, *, ctf: CTFParams | None = None, apix_A: f
 def make_objective(ref: PreparedReference, prepared: PreparedImages, *, backend=None):
     """The objective for the batched simplex: ``f(points (m, 5), owner (m,)) -> (m,)`` scores.
 
+    ref : PreparedReference, or (kernel path) a :class:`gpu_ali3d.kernels.KernelReference` converted once per
+        iteration by the caller, so that several batches of images share one copy on the device.
     backend : None for the numpy reference path (float64; :func:`score`), or a
-        :class:`gpu_ali3d.backend.Backend` for the compiled kernel (kernels/score.cu) on its device. The reference
-        and images are converted for the kernel once, here; points and owner are arrays of ``backend.xp`` and so
+        :class:`gpu_ali3d.backend.Backend` for the compiled kernel (kernels/score.cu) on its device. The images
+        (and the reference, if not converted yet) are converted for the kernel once, here; points and owner are arrays of ``backend.xp`` and so
         is the result, so nothing crosses between host and device inside the simplex.
     """
     if backend is None:
         return lambda points, owner: score(ref, prepared, points, image_index=owner)
-    from .kernels import kernel_images, kernel_reference, score_kernel
+    from .kernels import KernelReference, kernel_images, kernel_reference, score_kernel
 
-    if (ref.M, ref.N) != (prepared.M, prepared.N):
-        raise ValueError(f"reference is M={ref.M}, N={ref.N} but the images are M={prepared.M}, N={prepared.N}")
-    kref, kimg = kernel_reference(backend, ref), kernel_images(backend, prepared)
+    kref = ref if isinstance(ref, KernelReference) else kernel_reference(backend, ref)
+    if kref.N != prepared.N:
+        raise ValueError(f"reference has N={kref.N} but the images N={prepared.N}; prepare both with one box and pad")
+    kimg = kernel_images(backend, prepared)
     return lambda points, owner: score_kernel(backend, kref, kimg, points, owner)
 
 
