@@ -195,6 +195,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="after a successful run, write the refined poses into the input (atomically)")
     r.add_argument("--continue", dest="continue_dir", metavar="OUTDIR", default=None,
                    help="resume an interrupted run from its checkpoint (same input and options)")
+    r.add_argument("--batch", type=int, default=d.batch,
+                   help="images aligned together (0: sized from memory); the result does not depend on it")
     r.add_argument("--interpolation", default=d.interpolation, choices=INTERPOLATIONS,
                    help="reference sampling in the objective: Kaiser-Bessel (SPARX) or trilinear (faster)")
     r.set_defaults(run=_cmd_refine)

@@ -39,6 +39,8 @@ class RefineOptions:
     write_headers : after a successful run, write the refined poses into the input's headers (atomically).
     interpolation : "kb" (Kaiser-Bessel K = 6, SPARX's gridding) or "trilinear" (8 taps, faster, less exact) for
         sampling the reference's central sections in the objective.
+    batch : images aligned together by the batched simplex (one kernel launch scores all of them); 0 = sized from
+        memory (:func:`gpu_ali3d.refine.alignment_batch`). The poses do not depend on it.
     """
 
     ou: int = -1
@@ -59,6 +61,7 @@ class RefineOptions:
     seed: int = 0
     write_headers: bool = False
     interpolation: str = "kb"
+    batch: int = 0
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +94,9 @@ class RefineOptions:
         if self.device not in DEVICES:
             raise ValueError(f"--device {self.device!r}: expected one of {', '.join(DEVICES)}")
         _check_int("seed", self.seed)
+        _check_int("batch", self.batch)
+        if self.batch < 0:
+            raise ValueError(f"--batch {self.batch}: give a number of images >= 1, or 0 to size it from memory")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"--interpolation {self.interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
 

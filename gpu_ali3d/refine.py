@@ -31,8 +31,8 @@ from .options import RefineOptions
 
 log = logging.getLogger("gpu_ali3d")
 
-#: Images per call of the batched simplex: bounds memory and gives the progress bar its steps.
-ALIGN_BATCH = 256
+#: Host memory the prepared images of one alignment batch may take when --batch is 0 (auto).
+BATCH_MEMORY_BYTES = 1 << 30
 
 
 @dataclass
@@ -379,9 +379,10 @@ def _align(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, backend, p
     new = np.empty_like(poses)
     before = np.empty(len(poses))
     after = np.empty(len(poses))
-    batches = range(0, len(poses), ALIGN_BATCH)
+    size = alignment_batch(len(poses), images.shape[-1], opts.batch)
+    batches = range(0, len(poses), size)
     for start in tqdm(batches, desc=label, unit="batch", disable=not progress, leave=False):
-        sl = slice(start, min(start + ALIGN_BATCH, len(poses)))
+        sl = slice(start, min(start + size, len(poses)))
         prep = prepare_images(images[sl], ou, ctf=ctf[np.arange(sl.start, sl.stop)] if ctf is not None else None,
                               apix_A=apix, kmax=kmax)
         objective = make_objective(ref, prep, backend=backend)
@@ -419,14 +420,29 @@ def centre_data(poses: np.ndarray) -> np.ndarray:
     return out
 
 
+def alignment_batch(n: int, box: int, requested: int = 0, *, budget: int = BATCH_MEMORY_BYTES) -> int:
+    """Images per batched-simplex call: ``requested`` if > 0, else as many as fit ``budget`` bytes while they are
+    prepared (:func:`_prepared_bytes_per_image`), at least 1."""
+    if requested > 0:
+        return min(requested, max(n, 1))
+    return max(1, min(n, budget // _prepared_bytes_per_image(box)))
+
+
+def _prepared_bytes_per_image(box: int) -> int:
+    """Peak host bytes per image in score.prepare_images: the padded float64 image and its complex128 half
+    transform (2 box x 2 box each, about 64 box^2 bytes), then complex128 data and float64 CTF per kept sample
+    (about pi box^2 / 2 samples within Nyquist)."""
+    return 64 * box * box + 24 * int(np.pi * box * box / 2)
+
+
 def memory_estimate_bytes(n: int, box: int, opts: RefineOptions) -> int:
-    """Host memory the reference path needs: images, three padded Fourier accumulators, the prepared reference
-    and one alignment batch of prepared images (float64/complex128)."""
+    """Host memory a run needs: images, the padded Fourier accumulators, the prepared reference and one
+    alignment batch of prepared images (float64/complex128)."""
     npad_box = opts.npad * box
     images = n * box * box * 4
     accumulators = 4 * npad_box ** 2 * (npad_box // 2 + 1) * (16 + 8)    # two halves, their sum, scratch
     reference = (2 * box + 7) ** 2 * (box + 7) * 16
-    batch = min(n, ALIGN_BATCH) * (2 * box) ** 2 // 2 * (16 + 8)
+    batch = alignment_batch(n, box, opts.batch) * _prepared_bytes_per_image(box)
     return images + accumulators + reference + batch
 
 

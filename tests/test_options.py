@@ -17,6 +17,7 @@ def test_defaults_are_sparx_command_line_defaults():
     (dict(ts=-1.0), "--ts"), (dict(maxit=-1), "--maxit"), (dict(chunk=0.0), "--chunk"), (dict(chunk=1.5), "--chunk"),
     (dict(center=2), "--center"), (dict(snr=0.0), "--snr"), (dict(sym="c0"), "c0"), (dict(sym="x7"), "x7"),
     (dict(function="not a function"), "--function"), (dict(npad=0), "--npad"), (dict(device="tpu"), "--device"),
+    (dict(batch=-1), "--batch"), (dict(interpolation="cubic"), "--interpolation"),
 ])
 def test_bad_values_name_the_option(kwargs, flag):
     with pytest.raises(ValueError, match=flag):

@@ -100,3 +100,11 @@ def test_failed_run_leaves_the_input_untouched(dataset, tmp_path):
         local_ali3d(str(src), tmp_path / "out", maxit=1, write_headers=True, function="no_such_module:f",
                     progress=False)
     assert src.read_text() == text
+
+
+def test_poses_do_not_depend_on_the_alignment_batch(dataset, tmp_path):
+    # each image's simplex and score are independent of the others in its batch: any batch size, same bits
+    common = dict(maxit=1, CTF=True, interpolation="trilinear", progress=False)
+    whole = local_ali3d(str(dataset), tmp_path / "auto", **common).poses
+    small = local_ali3d(str(dataset), tmp_path / "by7", batch=7, **common).poses
+    np.testing.assert_array_equal(small, whole)
