@@ -287,7 +287,8 @@ def kernel_images(backend, prepared) -> KernelImages:
                         power=conv(prepared.power, np.float64), N=int(prepared.N))
 
 
-def score_sums(backend, kref: KernelReference, kimg: KernelImages, poses, image_index, out=None):
+def score_sums(backend, kref: KernelReference, kimg: KernelImages, poses, image_index, out=None, *,
+               check_index: bool = True):
     """Launch kernels/score.cu: the two sums of the objective for each (image, pose) pair.
 
     poses : float64 (n, 5), C-contiguous, backend array: phi, theta, psi (degrees), sx, sy (pixels).
@@ -312,7 +313,9 @@ def score_sums(backend, kref: KernelReference, kimg: KernelImages, poses, image_
     if out is None:
         out = xp.empty((n, 2), dtype=np.float64)
     _check_array("out", out, np.float64, (n, 2), xp)
-    if n and (int(image_index.min()) < 0 or int(image_index.max()) >= n_img):
+    # the range check reads the indices back to the host (a sync on the GPU): callers whose indices are valid by
+    # construction (the simplex's owners) pass check_index=False and keep the inner loop free of transfers
+    if check_index and n and (int(image_index.min()) < 0 or int(image_index.max()) >= n_img):
         raise ValueError(f"image_index out of range [0, {n_img}): {int(image_index.min())}..{int(image_index.max())}")
     ctf = kimg.ctf if kimg.ctf is not None else kimg.weights         # not read when has_ctf = 0
     backend.kernels.launch("score", "score", n, [
@@ -322,7 +325,7 @@ def score_sums(backend, kref: KernelReference, kimg: KernelImages, poses, image_
     return out
 
 
-def score_kernel(backend, ref, prepared, poses, image_index=None):
+def score_kernel(backend, ref, prepared, poses, image_index=None, *, check_index: bool = True):
     """Normalised correlation per (image, pose) pair through kernels/score.cu (score.py's formula).
 
     ref : PreparedReference or :class:`KernelReference`; prepared : PreparedImages or :class:`KernelImages`
@@ -340,7 +343,7 @@ def score_kernel(backend, ref, prepared, poses, image_index=None):
         idx = xp.arange(p.shape[0], dtype=np.int64)
     else:
         idx = xp.ascontiguousarray(xp.asarray(image_index, dtype=np.int64))
-    sums = score_sums(backend, kref, kimg, p, idx)
+    sums = score_sums(backend, kref, kimg, p, idx, check_index=check_index)
     den = xp.sqrt(kimg.power[idx] * sums[:, 1])
     return xp.where(den > 0, sums[:, 0] / xp.where(den > 0, den, 1.0), 0.0)
 

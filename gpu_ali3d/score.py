@@ -193,7 +193,8 @@ def make_objective(ref: PreparedReference, prepared: PreparedImages, *, backend=
     if kref.N != prepared.N:
         raise ValueError(f"reference has N={kref.N} but the images N={prepared.N}; prepare both with one box and pad")
     kimg = kernel_images(backend, prepared)
-    return lambda points, owner: score_kernel(backend, kref, kimg, points, owner)
+    # owner indices come from the simplex over these images (valid by construction): no per-call range check
+    return lambda points, owner: score_kernel(backend, kref, kimg, points, owner, check_index=False)
 
 
 def score(ref: PreparedReference, prepared: PreparedImages, poses, *, image_index=None,
