@@ -222,6 +222,8 @@ INTERP_KINDS = {"kb": 0, "trilinear": 1}
 #: Limits of kernels/gridding.cuh: KB_MAX_BETA (series terms) and MAX_TAPS.
 KB_MAX_BETA = 16.0
 MAX_TAPS = 16
+#: Limit of kernels/score.cu: the largest |kx|, |ky| of a sample (SCORE_MAX_K, the size of its phase table).
+SCORE_MAX_K = 1024
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,7 @@ class KernelImages:
 
     freqs : float32 (S, 2) (kx, ky) padded-grid units. weights : float32 (S,). data : complex64 (n, S).
     ctf : float32 (n, S) or None. power : float64 (n,), sum_k weights |data|^2 (from the float64 data). N : int.
+    k_index : int, the largest |kx| or |ky| of a sample (the size of score.cu's phase table).
     """
 
     freqs: object
@@ -255,6 +258,7 @@ class KernelImages:
     ctf: object
     power: object
     N: int
+    k_index: int
 
     def __len__(self) -> int:
         return self.data.shape[0]
@@ -282,9 +286,16 @@ def kernel_images(backend, prepared) -> KernelImages:
     def conv(a, dtype):
         return None if a is None else xp.ascontiguousarray(xp.asarray(a, dtype=dtype))
 
-    return KernelImages(freqs=conv(prepared.freqs, np.float32), weights=conv(prepared.weights, np.float32),
+    freqs = np.asarray(prepared.freqs)
+    if len(freqs) and not np.array_equal(freqs, np.round(freqs)):
+        raise ValueError("the kernels take integer sample frequencies (padded-grid units), as prepare_images makes")
+    k_index = int(np.abs(freqs).max()) if len(freqs) else 0
+    if k_index > SCORE_MAX_K:
+        raise ValueError(f"samples up to |k| = {k_index} exceed the score kernel's {SCORE_MAX_K} (padded-grid "
+                         f"units); lower the resolution limit or the padding")
+    return KernelImages(freqs=conv(freqs, np.float32), weights=conv(prepared.weights, np.float32),
                         data=conv(prepared.data, np.complex64), ctf=conv(prepared.ctf, np.float32),
-                        power=conv(prepared.power, np.float64), N=int(prepared.N))
+                        power=conv(prepared.power, np.float64), N=int(prepared.N), k_index=k_index)
 
 
 def score_sums(backend, kref: KernelReference, kimg: KernelImages, poses, image_index, out=None, *,
@@ -320,7 +331,7 @@ def score_sums(backend, kref: KernelReference, kimg: KernelImages, poses, image_
     ctf = kimg.ctf if kimg.ctf is not None else kimg.weights         # not read when has_ctf = 0
     backend.kernels.launch("score", "score", n, [
         kref.data, np.int32(kref.N), np.int32(kref.halo), np.int32(kref.taps), np.int32(kref.kind),
-        np.float64(kref.beta), kimg.freqs, kimg.weights, np.int32(n_s), kimg.data, ctf,
+        np.float64(kref.beta), kimg.freqs, kimg.weights, np.int32(n_s), np.int32(kimg.k_index), kimg.data, ctf,
         np.int32(kimg.ctf is not None), poses, image_index, np.int64(n), out])
     return out
 

@@ -8,8 +8,9 @@ by the batched simplex (:mod:`gpu_ali3d.simplex`) on the Fourier-space objective
 
 Deliberate differences from SPARX, each stated where it happens: the simplex runs over all five parameters at
 once (SPARX: three angles, shifts by a CCF peak search inside each evaluation); the objective is evaluated in
-Fourier space up to the current resolution (the tanh filter's cut-off plus its fall-off, as RELION limits its
-search to the current resolution), not up to Nyquist; half sets follow ``rlnRandomSubset`` when the input has it.
+Fourier space up to the current resolution (where the reference's tanh filter falls below 1 %, as RELION
+limits its search to the current resolution), not up to Nyquist, on the images' own M x M Fourier grid; half
+sets follow ``rlnRandomSubset`` when the input has it.
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ log = logging.getLogger("gpu_ali3d")
 
 #: Host memory the prepared images of one alignment batch may take when --batch is 0 (auto).
 BATCH_MEMORY_BYTES = 1 << 30
+#: The images are compared with the reference's sections on their own M x M Fourier grid (as RELION does), not on
+#: SPARX's 2x zero-padded one: 4x fewer samples for the same correlation (score.prepare_images, image_pad).
+IMAGE_PAD = 1
 
 
 @dataclass
@@ -48,6 +52,10 @@ class IterationRecord:
     kmax_px: float | None = None
     mean_angle_change_deg: float | None = None
     mean_shift_change_px: float | None = None
+    evaluations: int | None = None          # objective evaluations (image, pose pairs scored) of the alignment
+    simplex_steps: float | None = None      # mean simplex steps per image
+    reconstruct_s: float | None = None      # wall time of the reconstructions, FSC and reference preparation
+    align_s: float | None = None            # wall time of the alignment
     wall_s: float = 0.0
 
 
@@ -263,20 +271,26 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
                 poses = parallel.on_root(comm, lambda: centre_data(poses))   # one answer for every rank
             volf, curve, (cutoff, falloff) = _reference(images, poses, half, ctf, apix, mask, opts, user_function,
                                                         backend, outdir, iteration, ic, comm=comm, first=lo)
+            rec.reconstruct_s = time.perf_counter() - t0
             state.curves.append((iteration, ic, curve))
             rec.fsc05_A, rec.fsc0143_A = _resolutions(curve, apix)
             rec.tanh_cutoff = cutoff
             if not last:
                 old = poses[members].copy()
                 mine = members[(members >= lo) & (members < hi)]          # this rank's part of the chunk
-                new, before, after, kmax = _align(images[mine - lo], poses[mine], volf,
-                                                  ctf[mine] if ctf is not None else None,
-                                                  apix, ou, opts, cutoff, falloff, backend, progress,
-                                                  f"iteration {iteration + 1}/{opts.maxit}")
+                t1 = time.perf_counter()
+                new, before, after, kmax, work = _align(images[mine - lo], poses[mine], volf,
+                                                        ctf[mine] if ctf is not None else None,
+                                                        apix, ou, opts, cutoff, falloff, backend, progress,
+                                                        f"iteration {iteration + 1}/{opts.maxit}")
                 if comm.size > 1:       # blocks are contiguous and in rank order: concatenation is chunk order
                     new, before, after = (np.concatenate(comm.allgather(a)) for a in (new, before, after))
+                    work = np.sum(comm.allgather(work), axis=0)
                 poses[members] = new
+                rec.align_s = time.perf_counter() - t1
                 rec.kmax_px = kmax
+                rec.evaluations = int(work[0])
+                rec.simplex_steps = float(work[1]) / max(1, len(members))
                 rec.criterion_before, rec.criterion_after = float(before.mean()), float(after.mean())
                 rec.mean_angle_change_deg = float(angular_distance(old, new).mean())
                 rec.mean_shift_change_px = float(shift_distance(old, new).mean())
@@ -361,8 +375,9 @@ def _reference(images, poses, half, ctf, apix, mask, opts, user_function, backen
 
 def _align(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, backend, progress, label):
     """Refine the poses of some images against one reference: returns (new poses, score before, score after,
-    kmax in padded-grid units). backend None: numpy reference objective; else the compiled kernel on its device
-    (images, CTFs and the prepared reference are converted once per batch; only poses and scores come back)."""
+    kmax in padded-grid units, [objective evaluations, simplex steps summed over the images]). backend None: numpy
+    reference objective; else the compiled kernel on its device (images, CTFs and the prepared reference are
+    converted once per batch; only poses and scores come back)."""
     from tqdm import tqdm
 
     from .gridding import prepare_reference
@@ -372,11 +387,12 @@ def _align(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, backend, p
     xp = np if backend is None else backend.xp
     to_host = (lambda a: a) if backend is None else backend.to_host
     ref = prepare_reference(volf, pad=2, interpolation=opts.interpolation)
-    kmax = ref.N * min(0.5, cutoff + falloff)          # current resolution (tanh cut-off plus fall-off), padded units
+    kmax = ref.N * alignment_band_limit(cutoff, falloff, images.shape[-1])     # padded-grid units
     if backend is not None:
         from .kernels import kernel_reference
         ref = kernel_reference(backend, ref)           # once per reference: every batch shares the device copy
     new = np.empty_like(poses)
+    work = np.zeros(2, dtype=np.int64)                 # evaluations, simplex steps
     before = np.empty(len(poses))
     after = np.empty(len(poses))
     size = alignment_batch(len(poses), images.shape[-1], opts.batch)
@@ -384,18 +400,34 @@ def _align(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, backend, p
     for start in tqdm(batches, desc=label, unit="batch", disable=not progress, leave=False):
         sl = slice(start, min(start + size, len(poses)))
         prep = prepare_images(images[sl], ou, ctf=ctf[np.arange(sl.start, sl.stop)] if ctf is not None else None,
-                              apix_A=apix, kmax=kmax)
-        objective = make_objective(ref, prep, backend=backend)
+                              apix_A=apix, kmax=kmax, image_pad=IMAGE_PAD)
+        score_pairs = make_objective(ref, prep, backend=backend)
+
+        def objective(points, owner):
+            work[0] += points.shape[0]
+            return score_pairs(points, owner)
+
         x0 = xp.asarray(poses[sl])
         f0 = objective(x0, xp.arange(len(x0)))
         scales = local_ali3d_scales(x0[:, 1], opts.delta, opts.ts, xp=xp)
-        best, fbest, _steps = amoeba_batched(objective, x0, scales, xp=xp, **SPARX_SERIAL)
-        best, fbest, x0, f0 = (to_host(a) for a in (best, fbest, x0, f0))
+        best, fbest, steps = amoeba_batched(objective, x0, scales, xp=xp, **SPARX_SERIAL)
+        best, fbest, x0, f0, steps = (to_host(a) for a in (best, fbest, x0, f0, steps))
+        work[1] += int(steps.sum())
         # keep the start where nothing better was found, as SPARX keeps the old parameters
         worse = fbest < f0
         best[worse], fbest[worse] = x0[worse], f0[worse]
         new[sl], before[sl], after[sl] = normalise_poses(best), f0, fbest
-    return new, before, after, kmax
+    return new, before, after, kmax, work
+
+
+def alignment_band_limit(cutoff: float, falloff: float, box: int) -> float:
+    """The highest frequency (cycles per pixel) the objective uses: where the reference's tanh low-pass (cut-off,
+    fall-off from the FSC) falls below 1 % (:func:`gpu_ali3d.resolution.tanl_band_limit`), so nothing the filtered
+    reference still holds is left out; at most Nyquist (0.5) and at least 4 Fourier pixels (4 / box), so a
+    failed fit cannot leave the simplex without samples. As RELION, the search uses the current resolution only."""
+    from .resolution import tanl_band_limit
+
+    return float(min(0.5, max(4.0 / box, tanl_band_limit(cutoff, falloff))))
 
 
 # --------------------------------------------------------------------------------------------- pose helpers
@@ -428,11 +460,12 @@ def alignment_batch(n: int, box: int, requested: int = 0, *, budget: int = BATCH
     return max(1, min(n, budget // _prepared_bytes_per_image(box)))
 
 
-def _prepared_bytes_per_image(box: int) -> int:
-    """Peak host bytes per image in score.prepare_images: the padded float64 image and its complex128 half
-    transform (2 box x 2 box each, about 64 box^2 bytes), then complex128 data and float64 CTF per kept sample
-    (about pi box^2 / 2 samples within Nyquist)."""
-    return 64 * box * box + 24 * int(np.pi * box * box / 2)
+def _prepared_bytes_per_image(box: int, image_pad: int = IMAGE_PAD) -> int:
+    """Peak host bytes per image in score.prepare_images: the L x L float64 image and its complex128 half
+    transform (L = image_pad * box; about 16 L^2 bytes), then complex128 data and float64 CTF per kept sample
+    (about pi L^2 / 8 samples within Nyquist)."""
+    side = image_pad * box
+    return 16 * side * side + 24 * int(np.pi * side * side / 8)
 
 
 def memory_estimate_bytes(n: int, box: int, opts: RefineOptions) -> int:
@@ -487,7 +520,9 @@ def _summary_line(rec: IterationRecord, maxit: int) -> str:
     if rec.criterion_after is None:
         return head + f" (final reconstruction), {rec.wall_s:.1f} s"
     return (head + f", criterion {rec.criterion_before:.4f} -> {rec.criterion_after:.4f}, mean change "
-            f"{rec.mean_angle_change_deg:.3f} deg / {rec.mean_shift_change_px:.3f} px, {rec.wall_s:.1f} s")
+            f"{rec.mean_angle_change_deg:.3f} deg / {rec.mean_shift_change_px:.3f} px, {rec.wall_s:.1f} s "
+            f"(reconstruction {rec.reconstruct_s:.1f} s, alignment {rec.align_s:.1f} s, "
+            f"{rec.evaluations / max(rec.align_s, 1e-9):.0f} evaluations/s)")
 
 
 def _say(text: str) -> None:

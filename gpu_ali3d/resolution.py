@@ -211,6 +211,23 @@ def tanl_response(freq, cutoff: float, falloff: float) -> np.ndarray:
     return 0.5 * (np.tanh(k * (s + cutoff)) - np.tanh(k * (s - cutoff)))
 
 
+def tanl_band_limit(cutoff: float, falloff: float, level: float = 0.01) -> float:
+    """The frequency (cycles per pixel) above which :func:`tanl_response` stays below ``level``: where a map
+    filtered by the tanh low-pass has (practically) no signal left.
+
+    Above the cut-off H(s) ~ 0.5 (1 - tanh(k (s - c))), k = pi / (2 falloff c), so the limit is
+    ``|c| + atanh(1 - 2 level) / |k|``: about |c| (1 + 1.46 |falloff|) for the default 1 %. The fall-off is relative
+    to the cut-off (the transition is about 2 falloff c / pi wide), so this is much closer to c than c + falloff.
+    falloff = 0 (a sharp cut) gives |c|. 0 < level < 0.5.
+    """
+    if not (np.isfinite(cutoff) and np.isfinite(falloff)) or cutoff == 0:
+        raise ValueError(f"tanh low-pass: cutoff={cutoff!r}, falloff={falloff!r}: need a finite non-zero cut-off")
+    if not 0 < level < 0.5:
+        raise ValueError(f"level={level!r} must be in (0, 0.5): the response is 0.5 at the cut-off")
+    c = abs(cutoff)
+    return c + math.atanh(1.0 - 2.0 * level) * 2.0 * abs(falloff) * c / math.pi
+
+
 def filt_tanl(vol: np.ndarray, cutoff: float, falloff: float, *, pad: bool = False) -> np.ndarray:
     """SPARX ``filt_tanl``: multiply the map's Fourier transform by :func:`tanl_response`.
 

@@ -61,15 +61,16 @@ class PreparedImages:
     """Data images masked, normalised, padded and transformed once per iteration (:func:`prepare_images`).
 
     freqs : float64 (S, 2), the kept samples (kx, ky) in padded-grid units (cycles per N pixels), kx >= 0: the
-        samples of the ``np.fft.rfft2`` half plane of an N x N image with 0 < |k| <= kmax, in row-major order
-        of that layout (rows ky in FFT order, columns kx = 0..N/2; :func:`gpu_ali3d.gridding.section_grid`).
+        samples of the ``np.fft.rfft2`` half plane of the L x L image (L = image_pad * M) with 0 < |k| <= kmax,
+        in row-major order of that layout (rows ky in FFT order, columns kx = 0..L/2;
+        :func:`gpu_ali3d.gridding.section_grid`), each index scaled by N / L.
     weights : float64 (S,), Hermitian multiplicity: 1 where kx == 0 or kx == N/2, else 2.
     data : complex128 (n, S), the images' transforms at those samples, taken about the image centre pixel
-        (N // 2, N // 2) of the padded image (= (M // 2, M // 2) of the original), unnormalised DFT.
+        (L // 2, L // 2) of the padded image (= (M // 2, M // 2) of the original), unnormalised L x L DFT.
     ctf : float64 (n, S), each image's CTF at those samples (frequency k / (N apix_A) 1/A), or None (no CTF).
     power : float64 (n,), ``sum_k weights * |data|^2`` (the full-plane power over the kept samples).
-    M, N, pad : box, padded box, N = pad * M. ou : mask radius (pixels). kmax : resolution limit (padded units).
-    apix_A : pixel size, Angstrom.
+    M, N, pad : box, padded box, N = pad * M. image_pad : L / M. ou : mask radius (pixels).
+    kmax : resolution limit (padded units). apix_A : pixel size, Angstrom.
     """
 
     freqs: np.ndarray
@@ -80,6 +81,7 @@ class PreparedImages:
     M: int
     N: int
     pad: int
+    image_pad: int
     ou: float
     kmax: float
     apix_A: float
@@ -104,7 +106,8 @@ def soft_mask(M: int, ou: float, edge_px: float = MASK_EDGE_PX) -> np.ndarray:
 
 
 def prepare_images(images, ou: float, *, ctf: CTFParams | None = None, apix_A: float = 1.0, pad: int = PAD,
-                   kmax: float | None = None, edge_px: float = MASK_EDGE_PX) -> PreparedImages:
+                   kmax: float | None = None, edge_px: float = MASK_EDGE_PX,
+                   image_pad: int | None = None) -> PreparedImages:
     """Mask, normalise, zero-pad and Fourier-transform the data images once; keep the samples within kmax.
 
     images : real array (n, M, M) (or (M, M)), float32 or float64, numpy order (y, x), centre at (M // 2, M // 2).
@@ -112,10 +115,17 @@ def prepare_images(images, ou: float, *, ctf: CTFParams | None = None, apix_A: f
     ctf : CTFParams of n images (or one for all), or None. apix_A : pixel size (Angstrom), for the CTF.
     pad : N = pad * M (must match the prepared reference). kmax : resolution limit in padded-grid units
         (cycles per N pixels; default N / 2, Nyquist). edge_px : width of the mask's soft edge.
+    image_pad : the grid the images are transformed on, L = image_pad * M (a divisor of pad; None = pad).
+        pad (the default) takes the transform of the N x N zero-padded image, as SPARX pads before it
+        correlates; 1 takes the image's own M x M transform, as RELION compares images, with pad**2 times fewer
+        samples. The objective is the same correlation either way up to the projection's wrap-around on the
+        M x M grid, which is nil when the reference is confined to a sphere inside the box (refinement masks it
+        with radius ou < M / 2): tests/test_score.py measures the difference.
 
     Each image x becomes ``m * (x - mu) / sigma`` with mu and sigma^2 the mask-weighted mean and variance
     (``sum m x / sum m``; for a hard mask SPARX's in-mask statistics), so its DC term is exactly 0. It is placed
-    in an N x N zero image with its centre at (N // 2, N // 2) and transformed with ``rfft2`` about that centre.
+    in an L x L zero image with its centre at (L // 2, L // 2) and transformed with ``rfft2`` about that centre;
+    its samples are stored at their padded-grid frequencies (N / L times the L-grid index, integers).
     Returns :class:`PreparedImages` (layouts there).
     """
     imgs = np.asarray(images)
@@ -141,6 +151,10 @@ def prepare_images(images, ou: float, *, ctf: CTFParams | None = None, apix_A: f
     if not (np.isfinite(apix_A) and apix_A > 0):
         raise ValueError(f"apix_A must be a positive pixel size in Angstrom; got {apix_A}")
     n = pad * m
+    image_pad = pad if image_pad is None else image_pad
+    if not isinstance(image_pad, (int, np.integer)) or image_pad < 1 or pad % image_pad:
+        raise ValueError(f"image_pad={image_pad!r}: need a positive divisor of pad={pad}; use 1 or pad")
+    grid = image_pad * m
     kmax = n / 2 if kmax is None else float(kmax)
     if not (np.isfinite(kmax) and kmax > 0):
         raise ValueError(f"kmax must be a positive frequency in padded-grid units (cycles per N pixels); got {kmax}")
@@ -155,12 +169,13 @@ def prepare_images(images, ou: float, *, ctf: CTFParams | None = None, apix_A: f
         raise ValueError(f"image {flat[0]} is constant inside the mask of radius {ou}; it cannot be normalised")
     normed = mask * (imgs - mu[:, None, None]) / np.sqrt(var)[:, None, None]
 
-    padded = np.zeros((n_img, n, n))
-    s = n // 2 - m // 2
+    padded = np.zeros((n_img, grid, grid))
+    s = grid // 2 - m // 2
     padded[:, s:s + m, s:s + m] = normed
-    spectrum = np.fft.rfft2(np.fft.ifftshift(padded, axes=(1, 2)))          # about the centre pixel N // 2
+    spectrum = np.fft.rfft2(np.fft.ifftshift(padded, axes=(1, 2)))          # about the centre pixel L // 2
 
-    kx, ky = section_grid(n)
+    kx, ky = section_grid(grid)
+    kx, ky = kx * (n // grid), ky * (n // grid)                             # in padded-grid units
     r2 = kx ** 2 + ky ** 2
     keep = (r2 <= kmax ** 2) & (r2 > 0)
     freqs = np.stack([kx[keep], ky[keep]], axis=1)
@@ -172,7 +187,7 @@ def prepare_images(images, ou: float, *, ctf: CTFParams | None = None, apix_A: f
         ctf_values = np.broadcast_to(ctf_values, (n_img, len(freqs))).copy()
     power = np.einsum("s,ns->n", weights, np.abs(data) ** 2)
     return PreparedImages(freqs=freqs, weights=weights, data=data, ctf=ctf_values, power=power, M=m, N=n,
-                          pad=int(pad), ou=float(ou), kmax=kmax, apix_A=float(apix_A))
+                          pad=int(pad), image_pad=int(image_pad), ou=float(ou), kmax=kmax, apix_A=float(apix_A))
 
 
 def make_objective(ref: PreparedReference, prepared: PreparedImages, *, backend=None):

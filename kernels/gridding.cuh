@@ -66,11 +66,13 @@ DEVICE ref_layout make_ref_layout(int n, int halo) {
     return g;
 }
 
-// gridding._interpolate at one point u = (ux, uy, uz) (padded-grid units, |u| <= N/2): separable interpolation
-// with `taps` taps per axis (TAPS > 0 fixes it at compile time; TAPS = 0 reads `taps`, at most MAX_TAPS).
-// A point with ux < 0 is replaced by -u and the result conjugated (Friedel). Taps of an axis: j = first + t,
-// first = floor(u - taps/2) + 1, weight window(u - j); all are plain reads inside the halo. Contraction order
-// x, then y, then z, as the reference's einsum.
+// floor(x) as an integer, for |x| < 2^62: the same value as (long long)floor(x), without the library call that
+// floor() is on a baseline x86-64 host build (a conversion and a compare instead; one instruction on the GPU).
+DEVICE long long floor_ll(double x) {
+    const long long i = (long long)x;      // truncates towards zero
+    return i - (long long)(x < (double)i);
+}
+
 // The 3 * nt tap weights of a point, wt[a * NT + t] for axis a (x, y, z) and tap t, distance d = u_a - (j_a + t).
 // Kaiser-Bessel: the Horner loop runs over the terms outside and the lanes inside, so it vectorises (CPU) and
 // pipelines (GPU); it is the bulk of the work of an interpolation.
@@ -113,8 +115,7 @@ DEVICE cfloat interpolate(const cfloat *data, ref_layout g, int taps, int kind, 
     if (flip) { ux = -ux; uy = -uy; uz = -uz; }
     const double half = 0.5 * nt;
     const double u[3] = {ux, uy, uz};
-    const long long jj[3] = {(long long)floor(ux - half) + 1, (long long)floor(uy - half) + 1,
-                             (long long)floor(uz - half) + 1};
+    const long long jj[3] = {floor_ll(ux - half) + 1, floor_ll(uy - half) + 1, floor_ll(uz - half) + 1};
     const long long jx = jj[0], jy = jj[1], jz = jj[2];
     float wt[3 * NT];
     tap_weights<NT>(nt, kind, w, u, jj, wt);
@@ -172,6 +173,12 @@ DEVICE cfloat shift_phase(double kx, double ky, double sx_n, double sy_n) {
     float s, c;
     sincos_f((float)(6.283185307179586 * t), &s, &c);
     return cmake(c, s);
+}
+
+// The separable form of shift_phase for integer frequencies: exp(2 pi i (kx sx + ky sy) / N) =
+// axis_phase(kx, sx_n) * axis_phase(ky, sy_n); each factor rounded as shift_phase rounds the whole phase.
+DEVICE cfloat axis_phase(double k, double s_n) {
+    return shift_phase(k, 0.0, s_n, 0.0);
 }
 
 #endif  // GPU_ALI3D_GRIDDING_CUH

@@ -19,6 +19,12 @@
 //                    must call it the same number of times (call it after FOR_THREADS, never inside a branch that
 //                    depends on threadIdx), and blockDim.x must be a multiple of 32 (at most 1024).
 //                    Consecutive calls are safe (each starts with a barrier). CPU: identity (one "thread" per block).
+//   BLOCK_SHARED(T, name, n)  declares `T name[n]` (n a compile-time constant) shared by the threads of a block:
+//                    declare it inside the FOR_BLOCKS body, fill it in a FOR_THREADS loop, then block_barrier().
+//                    CUDA: __shared__ (one copy per block, reused by the block's next item: a barrier (block_sum has
+//                    them) must separate the last read of one item from the first write of the next). CPU: an
+//                    array local to the item.
+//   block_barrier()  all threads of the block wait here. CUDA: __syncthreads(); CPU: nothing.
 //   atomic_add(p, v) *p += v atomically (float or double). CUDA: atomicAdd; CPU: `#pragma omp atomic`.
 //   cfloat, cdouble  complex numbers {re, im}, laid out as numpy complex64 / complex128 (two floats, aligned to their
 //                    size), with cmake, cadd, csub, cmul, cconj, cscale, cabs2 helpers usable on both targets.
@@ -37,6 +43,8 @@
 #define FOR_BLOCKS(i, n) for (long long i = blockIdx.x; i < (long long)(n); i += gridDim.x)
 #define FOR_THREADS(k, n) for (long long k = threadIdx.x; k < (long long)(n); k += blockDim.x)
 #define IS_LEADER (threadIdx.x == 0)
+#define BLOCK_SHARED(T, name, n) __shared__ T name[n]
+#define block_barrier() __syncthreads()
 
 template <typename T>
 __device__ inline T _warp_sum(T x) {
@@ -77,6 +85,8 @@ DEVICE void sincos_f(float x, float *s, float *c) { sincosf(x, s, c); }
     _Pragma("omp parallel for schedule(dynamic)") for (long long i = 0; i < (long long)(n); ++i)
 #define FOR_THREADS(k, n) for (long long k = 0; k < (long long)(n); ++k)
 #define IS_LEADER true
+#define BLOCK_SHARED(T, name, n) T name[n]
+#define block_barrier() ((void)0)
 
 DEVICE float block_sum(float x) { return x; }
 DEVICE double block_sum(double x) { return x; }

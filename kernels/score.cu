@@ -7,6 +7,9 @@
 
 // Per-thread accumulator of the two sums (block_sum then reduces across threads).
 typedef double score_acc_t;
+// Largest |kx|, |ky| (padded-grid units) of a kept sample: the per-pair table of shift phases has 3 K + 2 entries
+// (the launch wrapper checks K = k_index <= SCORE_MAX_K; 1024 is Nyquist of a 1024-pixel box at pad 2).
+#define SCORE_MAX_K 1024
 
 // KERNEL score: one block per (image, pose) pair (FOR_BLOCKS), threads over samples (FOR_THREADS).
 //
@@ -20,6 +23,7 @@ typedef double score_acc_t;
 //                PreparedImages.freqs.
 //   weights      float32 (S,): Hermitian multiplicity (1 or 2), PreparedImages.weights.
 //   n_samples    int32: S.
+//   k_index      int32: K >= max |kx|, |ky| over the samples (<= SCORE_MAX_K); the size of the phase table.
 //   data         complex64 (n_images, S), C-contiguous: image transforms at the kept samples, PreparedImages.data.
 //   ctf          float32 (n_images, S), C-contiguous, PreparedImages.ctf; read only if has_ctf (else any array).
 //   has_ctf      int32: 1 multiply by ctf[image, s], 0 no CTF.
@@ -30,20 +34,28 @@ typedef double score_acc_t;
 //                sum_s w |P|^2] with P = F(R^T k) * exp(2 pi i (kx sx + ky sy) / N) * ctf; samples with
 //                |k| > N/2 contribute P = 0 (as gridding.sample_reference).
 // The rotation is computed per pair from the angles, in float64; interpolation and products in float32, the sums
-// accumulated in float64 per thread (score_acc_t) and reduced with block_sum.
+// accumulated in float64 per thread (score_acc_t) and reduced with block_sum. The shift phase of a sample is the
+// product of two per-axis factors (gridding.cuh axis_phase), tabulated once per pair for kx in [0, K] and ky in
+// [-K, K]: 3 K + 2 sines and cosines per pair instead of one per sample.
 KERNEL void score(const cfloat *ref, int n, int halo, int taps, int kind, double beta,
-                  const float *freqs, const float *weights, int n_samples,
+                  const float *freqs, const float *weights, int n_samples, int k_index,
                   const cfloat *data, const float *ctf, int has_ctf,
                   const double *poses, const long long *image_index, long long n_pairs, double *out) {
     kb_window w;
     kb_window_init(&w, beta, taps);
     const ref_layout g = make_ref_layout(n, halo);
     const double nyquist2 = 0.25 * (double)n * (double)n;
+    const int kt = k_index;
     FOR_BLOCKS(p, n_pairs) {
+        BLOCK_SHARED(cfloat, phase, 3 * SCORE_MAX_K + 2);   // [0, K]: kx = 0..K; [K + 1, 3K + 1]: ky = -K..K
         const double *q = poses + 5 * p;
         double r[9];
         rotation_zyz(q[0], q[1], q[2], r);
         const double sx_n = q[3] / n, sy_n = q[4] / n;
+        FOR_THREADS(t, 3 * kt + 2) {
+            phase[t] = t <= kt ? axis_phase((double)t, sx_n) : axis_phase((double)(t - 2 * kt - 1), sy_n);
+        }
+        block_barrier();
         const long long img = image_index[p];
         const cfloat *x = data + img * (long long)n_samples;
         const float *c = has_ctf ? ctf + img * (long long)n_samples : 0;
@@ -55,7 +67,8 @@ KERNEL void score(const cfloat *ref, int n, int halo, int taps, int kind, double
                 const double ux = r[0] * kx + r[3] * ky;     // u = R^T (kx, ky, 0)
                 const double uy = r[1] * kx + r[4] * ky;
                 const double uz = r[2] * kx + r[5] * ky;
-                v = cmul(interpolate_any(ref, g, taps, kind, &w, ux, uy, uz), shift_phase(kx, ky, sx_n, sy_n));
+                const cfloat ph = cmul(phase[(int)kx], phase[2 * kt + 1 + (int)ky]);
+                v = cmul(interpolate_any(ref, g, taps, kind, &w, ux, uy, uz), ph);
                 if (has_ctf) v = cscale(v, c[s]);
             }
             const cfloat xs = x[s];
@@ -63,7 +76,7 @@ KERNEL void score(const cfloat *ref, int n, int halo, int taps, int kind, double
             xy += (score_acc_t)(ws * (xs.re * v.re + xs.im * v.im));
             pp += (score_acc_t)(ws * cabs2(v));
         }
-        xy = block_sum(xy);
+        xy = block_sum(xy);      // its barriers also keep the next pair from rewriting phase[] too early
         pp = block_sum(pp);
         if (IS_LEADER) {
             out[2 * p] = xy;

@@ -138,6 +138,6 @@ def test_score_sums_checks_arguments():
         kernels.score_sums(backend, kref, kimg, p, i + 10)
     with pytest.raises(ValueError, match="image_index has shape"):
         kernels.score_sums(backend, kref, kimg, p, i[:2])
-    bad = kernels.KernelImages(kimg.freqs, kimg.weights, prep.data, kimg.ctf, kimg.power, kimg.N)
+    bad = kernels.KernelImages(kimg.freqs, kimg.weights, prep.data, kimg.ctf, kimg.power, kimg.N, kimg.k_index)
     with pytest.raises(TypeError, match="data must be complex64"):
         kernels.score_sums(backend, kref, bad, p, i)

@@ -327,3 +327,18 @@ def test_fsc_resolution():
     assert R.fsc_resolution(freq, np.ones(17), 0.143).freq_px == 0.5
     text = R.fsc_text((freq[:2], curve[:2], np.array([2.0, 18.0])))
     assert text == "      0.000000      1.000000      2.000000\n      0.031250      0.937500     18.000000\n"
+
+
+@pytest.mark.parametrize("cutoff, falloff", [(0.18, 0.163), (0.3, 0.05), (0.12, 0.4), (-0.2, -0.1)])
+def test_tanl_band_limit_is_where_the_response_falls_to_the_level(cutoff, falloff):
+    from gpu_ali3d.resolution import tanl_band_limit, tanl_response
+
+    for level in (0.01, 0.1):
+        f = tanl_band_limit(cutoff, falloff, level)
+        h = lambda s: abs(float(tanl_response([s], cutoff, falloff)[0]))
+        assert abs(cutoff) < f < 0.5 + abs(cutoff)
+        assert h(f) == pytest.approx(level, rel=1e-3)          # the first tanh term is 1 to that precision
+        assert h(f + 0.01) < level < h(f - 0.01)
+    assert tanl_band_limit(0.25, 0.0) == 0.25                   # a sharp cut
+    with pytest.raises(ValueError, match="cut-off"):
+        tanl_band_limit(0.0, 0.1)

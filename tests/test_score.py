@@ -19,19 +19,19 @@ def smooth_map(m: int, rng: np.random.Generator) -> np.ndarray:
     return gaussian_filter(rng.normal(size=(m, m, m)), 1.5) * np.clip((m / 2 - 2 - r) / 4.0, 0.0, 1.0)
 
 
-def real_space_scores(vol, images, poses, image_index, ctf, apix_A, ou, kmax):
+def real_space_scores(vol, images, poses, image_index, ctf, apix_A, ou, kmax, image_pad=2):
     """The documented real-space equivalent of score(), per (pose, image) pair: the Pearson correlation over the
-    N x N padded plane of (a) the soft-masked, normalised image zero-padded to N and (b) the exact N-grid
-    projection (the finufft projector on the zero-padded map, with CTF and shift), both band-limited to
-    |k| <= kmax."""
+    L x L plane (L = image_pad * M; 2: SPARX's padded plane) of (a) the soft-masked, normalised image zero-padded
+    to L and (b) the exact L-grid projection (the finufft projector on the map zero-padded to L), both
+    band-limited to |k| <= kmax (padded-grid units, N = 2 M)."""
     m = vol.shape[0]
-    n, s = 2 * m, m - m // 2
+    n, s = image_pad * m, (image_pad * m) // 2 - m // 2
     padded_vol = np.zeros((n, n, n))
     padded_vol[s:s + m, s:s + m, s:s + m] = vol
     projections = project(padded_vol, poses, ctf=ctf[image_index], apix_A=apix_A)
     mask = score.soft_mask(m, ou)
     kx, ky = gridding.section_grid(n)
-    disc = kx ** 2 + ky ** 2 <= kmax ** 2
+    disc = (kx ** 2 + ky ** 2) * (2 / image_pad) ** 2 <= kmax ** 2
     out = []
     for proj, image in zip(projections, images[image_index]):
         mu = (image * mask).sum() / mask.sum()
@@ -71,6 +71,16 @@ def test_score_equals_real_space_correlation(m, rng):
     assert err6 < 2e-4, f"M={m}: K=6 score error {err6:.3g}"
     assert np.all(want[:n_img] > want[n_img:2 * n_img]) and np.all(want[n_img:2 * n_img] > want[2 * n_img:])
     print(f"M={m}: score vs real space: K=12 {err:.3g}, K=6 {err6:.3g}")
+    # image_pad = 1 (refinement's choice): the same correlation over the M x M plane, on the image's own grid;
+    # the map is confined to a sphere inside the box, so its projections do not wrap around.
+    prep1 = score.prepare_images(images.astype(np.float32), ou, ctf=ctf, apix_A=apix, kmax=kmax, image_pad=1)
+    assert len(prep1.freqs) < 0.3 * len(prep.freqs) and np.all(prep1.freqs % 2 == 0)
+    want1 = real_space_scores(vol, images.astype(np.float32).astype(np.float64), poses, image_index, ctf, apix, ou,
+                              kmax, image_pad=1)
+    err1 = np.abs(score.score(exact_ref, prep1, poses, image_index=image_index) - want1).max()
+    assert err1 < 1e-7, f"M={m}: image_pad=1 |Fourier score - real-space correlation| = {err1:.3g}"
+    assert np.abs(want1 - want).max() < 0.02, f"M x M and padded-plane correlations differ: {want1} vs {want}"
+    print(f"M={m}: image_pad=1 vs real space {err1:.3g}; vs the padded plane {np.abs(want1 - want).max():.3g}")
 
 
 def _relion_set(star, stack, count):
@@ -160,6 +170,15 @@ def test_prepare_images_layout(rng):
     fy, fx = np.meshgrid(np.fft.fftfreq(n, 1 / n), np.fft.fftfreq(n, 1 / n), indexing="ij")
     assert full.power[0] == pytest.approx(f2[fx ** 2 + fy ** 2 <= (n / 2) ** 2].sum(), rel=1e-12)
     assert f2[0, 0] == pytest.approx(0.0, abs=1e-18 * f2.sum())
+    # image_pad = 1: the M x M transform, its samples at even padded-grid frequencies, the Nyquist column kept once.
+    own = score.prepare_images(images, ou, image_pad=1)
+    assert own.image_pad == 1 and np.all(own.freqs % 2 == 0) and np.abs(own.freqs).max() == n // 2
+    np.testing.assert_array_equal(own.weights, np.where(own.freqs[:, 0] % (n // 2) == 0, 1.0, 2.0))
+    g = np.abs(np.fft.fft2(x[s:s + m, s:s + m])) ** 2
+    gy, gx = np.meshgrid(np.fft.fftfreq(m, 1 / m), np.fft.fftfreq(m, 1 / m), indexing="ij")
+    assert own.power[0] == pytest.approx(g[gx ** 2 + gy ** 2 <= (m / 2) ** 2].sum(), rel=1e-12)
+    with pytest.raises(ValueError, match="image_pad"):
+        score.prepare_images(images, ou, pad=2, image_pad=3)
 
 
 def test_score_rejects_bad_input(rng):
