@@ -88,15 +88,21 @@ def evaluate(ctf: CTFParams, fx_invA, fy_invA) -> np.ndarray:
     par = {f.name: getattr(ctf, f.name).reshape((-1,) + extra) for f in fields(ctf)}
     s2 = fx * fx + fy * fy
     azimuth = np.arctan2(fy, fx)
+    # cos(2 (azimuth - angle)) expanded, so the per-particle work is products of the shared grids; and
+    # sqrt(1 - q^2) sin(gamma) + q cos(gamma) = sin(gamma + asin(q)): one sine per sample
+    cos2, sin2 = np.cos(2.0 * azimuth), np.sin(2.0 * azimuth)
+    angle = 2.0 * np.deg2rad(par["astig_angle_deg"])
     mean = 0.5 * (par["defocus_u_A"] + par["defocus_v_A"])
     half_diff = 0.5 * (par["defocus_u_A"] - par["defocus_v_A"])
-    df = mean + half_diff * np.cos(2.0 * (azimuth - np.deg2rad(par["astig_angle_deg"])))
     lam = wavelength_A(par["voltage_kV"])
     cs_A = par["cs_mm"] * 1e7
-    gamma = np.pi * lam * df * s2 - 0.5 * np.pi * cs_A * lam ** 3 * s2 * s2
     q = par["amp_contrast"]
-    out = np.sqrt(1.0 - q * q) * np.sin(gamma) + q * np.cos(gamma)
-    return out * np.exp(-0.25 * par["bfactor_A2"] * s2)
+    defocus_term = (np.pi * lam) * (mean + (half_diff * np.cos(angle)) * cos2 + (half_diff * np.sin(angle)) * sin2)
+    gamma = (defocus_term - (0.5 * np.pi * cs_A * lam ** 3) * s2) * s2 + np.arcsin(q)
+    out = np.sin(gamma)
+    if np.any(par["bfactor_A2"] != 0):
+        out *= np.exp(-0.25 * par["bfactor_A2"] * s2)
+    return out
 
 
 def ctf_grid(ctf: CTFParams, box: int, apix_A: float, *, half: bool = True) -> np.ndarray:

@@ -230,8 +230,9 @@ SCORE_MAX_K = 1024
 class KernelReference:
     """A PreparedReference in the kernel's dtypes, on the backend's device (:func:`kernel_reference`).
 
-    data : complex64 (N + 2h + 1, N + 2h + 1, N // 2 + 1 + 2h), C-contiguous, the layout of
-    :class:`gpu_ali3d.gridding.PreparedReference` (axes z, y, x; halo h). N, halo, taps : ints.
+    data : complex64 (2E + 2h + 1, 2E + 2h + 1, E + 1 + 2h), C-contiguous: the layout of
+    :class:`gpu_ali3d.gridding.PreparedReference` (axes z, y, x; halo h) cropped to the frequencies |u_a| <= E
+    (E = N // 2: all of it). N, halo, taps : ints. extent : E, the largest sample radius it serves.
     kind : 0 Kaiser-Bessel, 1 trilinear. beta : KB shape parameter (gridding.kb_beta).
     """
 
@@ -241,6 +242,7 @@ class KernelReference:
     taps: int
     kind: int
     beta: float
+    extent: int
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,7 @@ class KernelImages:
     freqs : float32 (S, 2) (kx, ky) padded-grid units. weights : float32 (S,). data : complex64 (n, S).
     ctf : float32 (n, S) or None. power : float64 (n,), sum_k weights |data|^2 (from the float64 data). N : int.
     k_index : int, the largest |kx| or |ky| of a sample (the size of score.cu's phase table).
+    k_reach : float, the largest |k| of a sample (a reference must extend that far).
     """
 
     freqs: object
@@ -259,13 +262,19 @@ class KernelImages:
     power: object
     N: int
     k_index: int
+    k_reach: float
 
     def __len__(self) -> int:
         return self.data.shape[0]
 
 
-def kernel_reference(backend, ref) -> KernelReference:
-    """Convert a :class:`gpu_ali3d.gridding.PreparedReference` once (per iteration) for :func:`score_sums`."""
+def kernel_reference(backend, ref, kmax: float | None = None) -> KernelReference:
+    """Convert a :class:`gpu_ali3d.gridding.PreparedReference` once (per iteration) for :func:`score_sums`.
+
+    kmax : the largest sample radius (padded-grid units) it will serve, e.g. PreparedImages.kmax; the copy is
+        cropped to |u_a| <= ceil(kmax) (and its halo), so the kernel's working set is the band it reads, not the
+        whole cube: at box 64 and a 20 A limit, 1 MB instead of 10 MB. None keeps all of it (E = N / 2).
+    """
     if ref.interpolation not in INTERP_KINDS:
         raise ValueError(f"ref.interpolation={ref.interpolation!r}; expected one of {tuple(INTERP_KINDS)}")
     if ref.taps > MAX_TAPS:
@@ -273,10 +282,16 @@ def kernel_reference(backend, ref) -> KernelReference:
     if ref.interpolation == "kb" and not ref.beta <= KB_MAX_BETA:
         raise ValueError(f"Kaiser-Bessel beta = pi alpha K / (2 pad) = {ref.beta:.3f} exceeds the kernels' "
                          f"{KB_MAX_BETA} (SPARX's K = 6, alpha = 1.75, pad = 2 give 8.25); use a smaller kb_alpha")
+    n, h = int(ref.N), int(ref.halo)
+    if kmax is not None and not (np.isfinite(kmax) and kmax > 0):
+        raise ValueError(f"kmax={kmax!r} must be a positive frequency in padded-grid units (or None for all)")
+    extent = n // 2 if kmax is None else min(n // 2, int(np.ceil(kmax)))
+    lo = n // 2 - extent
+    cropped = ref.data[lo:lo + 2 * extent + 2 * h + 1, lo:lo + 2 * extent + 2 * h + 1, :extent + 1 + 2 * h]
     xp = backend.xp
-    data = xp.ascontiguousarray(xp.asarray(ref.data, dtype=np.complex64))
-    return KernelReference(data=data, N=int(ref.N), halo=int(ref.halo), taps=int(ref.taps),
-                           kind=INTERP_KINDS[ref.interpolation], beta=float(ref.beta))
+    data = xp.ascontiguousarray(xp.asarray(np.ascontiguousarray(cropped), dtype=np.complex64))
+    return KernelReference(data=data, N=n, halo=h, taps=int(ref.taps), kind=INTERP_KINDS[ref.interpolation],
+                           beta=float(ref.beta), extent=extent)
 
 
 def kernel_images(backend, prepared) -> KernelImages:
@@ -290,12 +305,14 @@ def kernel_images(backend, prepared) -> KernelImages:
     if len(freqs) and not np.array_equal(freqs, np.round(freqs)):
         raise ValueError("the kernels take integer sample frequencies (padded-grid units), as prepare_images makes")
     k_index = int(np.abs(freqs).max()) if len(freqs) else 0
+    k_reach = float(np.sqrt((freqs ** 2).sum(axis=1).max())) if len(freqs) else 0.0
     if k_index > SCORE_MAX_K:
         raise ValueError(f"samples up to |k| = {k_index} exceed the score kernel's {SCORE_MAX_K} (padded-grid "
                          f"units); lower the resolution limit or the padding")
     return KernelImages(freqs=conv(freqs, np.float32), weights=conv(prepared.weights, np.float32),
                         data=conv(prepared.data, np.complex64), ctf=conv(prepared.ctf, np.float32),
-                        power=conv(prepared.power, np.float64), N=int(prepared.N), k_index=k_index)
+                        power=conv(prepared.power, np.float64), N=int(prepared.N), k_index=k_index,
+                        k_reach=k_reach)
 
 
 def score_sums(backend, kref: KernelReference, kimg: KernelImages, poses, image_index, out=None, *,
@@ -310,8 +327,11 @@ def score_sums(backend, kref: KernelReference, kimg: KernelImages, poses, image_
     xp = backend.xp
     if kref.N != kimg.N:
         raise ValueError(f"reference N={kref.N} but images N={kimg.N}; prepare both with the same box and pad")
+    if kimg.k_reach > kref.extent:
+        raise ValueError(f"the images have samples up to |k| = {kimg.k_reach:.2f} but the reference was cropped to "
+                         f"{kref.extent}; convert it with kernel_reference(..., kmax=prepared.kmax)")
     n_img, n_s = kimg.data.shape
-    d, dx = kref.N + 2 * kref.halo + 1, kref.N // 2 + 1 + 2 * kref.halo
+    d, dx = 2 * kref.extent + 2 * kref.halo + 1, kref.extent + 1 + 2 * kref.halo
     _check_array("ref.data", kref.data, np.complex64, (d, d, dx), xp)
     _check_array("freqs", kimg.freqs, np.float32, (n_s, 2), xp)
     _check_array("weights", kimg.weights, np.float32, (n_s,), xp)
@@ -330,7 +350,8 @@ def score_sums(backend, kref: KernelReference, kimg: KernelImages, poses, image_
         raise ValueError(f"image_index out of range [0, {n_img}): {int(image_index.min())}..{int(image_index.max())}")
     ctf = kimg.ctf if kimg.ctf is not None else kimg.weights         # not read when has_ctf = 0
     backend.kernels.launch("score", "score", n, [
-        kref.data, np.int32(kref.N), np.int32(kref.halo), np.int32(kref.taps), np.int32(kref.kind),
+        kref.data, np.int32(kref.N), np.int32(kref.halo), np.int32(kref.extent), np.int32(kref.taps),
+        np.int32(kref.kind),
         np.float64(kref.beta), kimg.freqs, kimg.weights, np.int32(n_s), np.int32(kimg.k_index), kimg.data, ctf,
         np.int32(kimg.ctf is not None), poses, image_index, np.int64(n), out])
     return out

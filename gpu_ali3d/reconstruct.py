@@ -55,6 +55,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.fft
+from scipy import ndimage
 
 from .ctf import CTFParams, ctf_grid
 from .geometry import as_poses, rotation_matrix
@@ -177,7 +178,8 @@ def slice_transforms(images: np.ndarray, poses: np.ndarray, *, npad: int = 2, ct
     # 3. the shift: translate by (+sx, +sy)
     ky = np.fft.fftfreq(n_p, d=1.0 / n_p)[:, None]
     kx = np.fft.rfftfreq(n_p, d=1.0 / n_p)[None, :]
-    spectrum *= np.exp(-2j * np.pi * (kx * p[:, 3, None, None] + ky * p[:, 4, None, None]) / n_p)
+    spectrum *= np.exp(-2j * np.pi * ky * p[:, 4, None, None] / n_p)      # separable: (n, Np, 1) then (n, 1, half)
+    spectrum *= np.exp(-2j * np.pi * kx * p[:, 3, None, None] / n_p)
     # 4. the CTF, on the padded grid
     if ctf is None:
         return spectrum, None
@@ -531,14 +533,16 @@ def _neighbour_weights(weights: np.ndarray) -> np.ndarray:
     signed = _signed(n_p)
     lim = n_p // 2
     total = np.zeros_like(weights)
+    # cx + i >= 0: look at (cx + i, cy + j, cz + j) for 0 <= cx + i < Np/2, the whole grid at once. For each j the
+    # sum over i is a 7-tap correlation along x of the empty voxels shifted by (j, j) in (z, y) and masked, with
+    # the Nyquist column cx + i = Np/2 and columns outside the grid (cx + i < 0, handled below) counting 0.
+    for j in offsets:
+        rolled = np.roll(empty, (-j, -j), axis=(0, 1))                      # rolled[z, y] = empty[z + j, y + j]
+        rolled *= _in_range(signed + j, lim)[:, :, None]
+        rolled[:, :, lim:] = 0.0
+        taps = [sum(a[top - abs(i) - abs(j) - abs(k)] for k in offsets) for i in offsets]
+        total += ndimage.correlate1d(rolled, taps, axis=2, mode="constant", cval=0.0)
     for i in offsets:
-        # cx + i >= 0: look at (cx + i, cy + j, cz + j) for 0 <= cx + i < Np/2, the whole grid at once
-        lo, hi = max(0, -i), min(half, lim - i)
-        for j in offsets:
-            a_all = sum(a[top - abs(i) - abs(j) - abs(k)] for k in offsets)
-            rolled = np.roll(empty, (-j, -j), axis=(0, 1))                  # rolled[z, y] = empty[z + j, y + j]
-            if hi > lo:
-                total[:, :, lo:hi] += a_all * rolled[:, :, lo + i:hi + i] * _in_range(signed + j, lim)[:, :, None]
         # cx + i < 0 (cx = 0 .. -i - 1): the source's in-place Friedel flip, with its sequential state per voxel
         for cx in range(0, min(half, -i)):
             nx = -(cx + i)

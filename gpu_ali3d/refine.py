@@ -390,7 +390,8 @@ def _align(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, backend, p
     kmax = ref.N * alignment_band_limit(cutoff, falloff, images.shape[-1])     # padded-grid units
     if backend is not None:
         from .kernels import kernel_reference
-        ref = kernel_reference(backend, ref)           # once per reference: every batch shares the device copy
+        ref = kernel_reference(backend, ref, kmax=kmax)    # once per reference, cropped to the band; all batches
+                                                            # share the device copy
     new = np.empty_like(poses)
     work = np.zeros(2, dtype=np.int64)                 # evaluations, simplex steps
     before = np.empty(len(poses))

@@ -194,7 +194,8 @@ def make_objective(ref: PreparedReference, prepared: PreparedImages, *, backend=
     """The objective for the batched simplex: ``f(points (m, 5), owner (m,)) -> (m,)`` scores.
 
     ref : PreparedReference, or (kernel path) a :class:`gpu_ali3d.kernels.KernelReference` converted once per
-        iteration by the caller, so that several batches of images share one copy on the device.
+        iteration by the caller (``kernel_reference(backend, ref, kmax)``, cropped to the band limit), so that
+        several batches of images share one copy on the device.
     backend : None for the numpy reference path (float64; :func:`score`), or a
         :class:`gpu_ali3d.backend.Backend` for the compiled kernel (kernels/score.cu) on its device. The images
         (and the reference, if not converted yet) are converted for the kernel once, here; points and owner are arrays of ``backend.xp`` and so
@@ -204,7 +205,7 @@ def make_objective(ref: PreparedReference, prepared: PreparedImages, *, backend=
         return lambda points, owner: score(ref, prepared, points, image_index=owner)
     from .kernels import KernelReference, kernel_images, kernel_reference, score_kernel
 
-    kref = ref if isinstance(ref, KernelReference) else kernel_reference(backend, ref)
+    kref = ref if isinstance(ref, KernelReference) else kernel_reference(backend, ref, kmax=prepared.kmax)
     if kref.N != prepared.N:
         raise ValueError(f"reference has N={kref.N} but the images N={prepared.N}; prepare both with one box and pad")
     kimg = kernel_images(backend, prepared)

@@ -51,26 +51,20 @@ DEVICE float hat_weight(double d) {
     return a > 0.0 ? (float)a : 0.0f;
 }
 
-// Geometry of PreparedReference.data, complex64 (D, D, Dx), axes (z, y, x), D = N + 2h + 1, Dx = N/2 + 1 + 2h:
-// data[N/2 + h + u_z, N/2 + h + u_y, h + u_x] = F_pad(u_x, u_y, u_z).
+// Geometry of a reference cropped to |u_a| <= E (E = N/2: all of PreparedReference.data), complex64 (D, D, Dx),
+// axes (z, y, x), D = 2E + 2h + 1, Dx = E + 1 + 2h: data[E + h + u_z, E + h + u_y, h + u_x] = F_pad(u_x, u_y, u_z).
+// kernels.kernel_reference makes it (a slice of PreparedReference.data).
 struct ref_layout {
     long long stride_z, stride_y, origin;    // element strides; flat index of u = (0, 0, 0)
 };
 
-DEVICE ref_layout make_ref_layout(int n, int halo) {
+DEVICE ref_layout make_ref_layout(int extent, int halo) {
     ref_layout g;
-    const long long d = n + 2 * halo + 1, dx = n / 2 + 1 + 2 * halo;
+    const long long d = 2 * extent + 2 * halo + 1, dx = extent + 1 + 2 * halo;
     g.stride_y = dx;
     g.stride_z = d * dx;
-    g.origin = (long long)(n / 2 + halo) * g.stride_z + (long long)(n / 2 + halo) * g.stride_y + halo;
+    g.origin = (long long)(extent + halo) * g.stride_z + (long long)(extent + halo) * g.stride_y + halo;
     return g;
-}
-
-// floor(x) as an integer, for |x| < 2^62: the same value as (long long)floor(x), without the library call that
-// floor() is on a baseline x86-64 host build (a conversion and a compare instead; one instruction on the GPU).
-DEVICE long long floor_ll(double x) {
-    const long long i = (long long)x;      // truncates towards zero
-    return i - (long long)(x < (double)i);
 }
 
 // The 3 * nt tap weights of a point, wt[a * NT + t] for axis a (x, y, z) and tap t, distance d = u_a - (j_a + t).
@@ -141,9 +135,31 @@ DEVICE cfloat interpolate(const cfloat *data, ref_layout g, int taps, int kind, 
     return cmake(re, flip ? -im : im);
 }
 
+// interpolate<2> for the hat window (trilinear), written out: taps floor(u) and floor(u) + 1 with weights 1 - f and
+// f, f = u - floor(u) rounded to float once (the generic form rounds 1 - |u - j| from double: the same weights
+// to float rounding). Same contraction order (x, then y, then z).
+DEVICE cfloat interpolate_trilinear(const cfloat *data, ref_layout g, double ux, double uy, double uz) {
+    const bool flip = ux < 0.0;
+    if (flip) { ux = -ux; uy = -uy; uz = -uz; }
+    const long long jx = floor_ll(ux), jy = floor_ll(uy), jz = floor_ll(uz);
+    const float fx = (float)(ux - (double)jx), fy = (float)(uy - (double)jy), fz = (float)(uz - (double)jz);
+    const float wx0 = 1.0f - fx, wy0 = 1.0f - fy, wz0 = 1.0f - fz;
+    const cfloat *b = data + g.origin + jz * g.stride_z + jy * g.stride_y + jx;
+    const cfloat *r00 = b, *r01 = b + g.stride_y, *r10 = b + g.stride_z, *r11 = b + g.stride_z + g.stride_y;
+    const float x00re = wx0 * r00[0].re + fx * r00[1].re, x00im = wx0 * r00[0].im + fx * r00[1].im;
+    const float x01re = wx0 * r01[0].re + fx * r01[1].re, x01im = wx0 * r01[0].im + fx * r01[1].im;
+    const float x10re = wx0 * r10[0].re + fx * r10[1].re, x10im = wx0 * r10[0].im + fx * r10[1].im;
+    const float x11re = wx0 * r11[0].re + fx * r11[1].re, x11im = wx0 * r11[0].im + fx * r11[1].im;
+    const float y0re = wy0 * x00re + fy * x01re, y0im = wy0 * x00im + fy * x01im;
+    const float y1re = wy0 * x10re + fy * x11re, y1im = wy0 * x10im + fy * x11im;
+    const float re = wz0 * y0re + fz * y1re, im = wz0 * y0im + fz * y1im;
+    return cmake(re, flip ? -im : im);
+}
+
 // interpolate<> with the common tap counts compiled in (K = 6 Kaiser-Bessel, 2 trilinear, 4, 8), else generic.
 DEVICE cfloat interpolate_any(const cfloat *data, ref_layout g, int taps, int kind, const kb_window *w,
                               double ux, double uy, double uz) {
+    if (kind == INTERP_TRILINEAR && taps == 2) return interpolate_trilinear(data, g, ux, uy, uz);
     switch (taps) {
         case 6: return interpolate<6>(data, g, taps, kind, w, ux, uy, uz);
         case 2: return interpolate<2>(data, g, taps, kind, w, ux, uy, uz);

@@ -84,8 +84,8 @@ KERNEL void insert(const cfloat *transforms, long long n_images, int np_, const 
             double qx = px + rx, qy = py + ry, qz = pz + rz;
             const bool flip = qx < 0.0;                    // Friedel: -q and the complex conjugate
             if (flip) { qx = -qx; qy = -qy; qz = -qz; }
-            const long long ix = (long long)floor(qx + 0.5);
-            const long long iy = (long long)floor(qy + 0.5), iz = (long long)floor(qz + 0.5);   // signed
+            const long long ix = floor_ll(qx + 0.5);
+            const long long iy = floor_ll(qy + 0.5), iz = floor_ll(qz + 0.5);   // signed
             // |q| < Np/2, so iy, iz are in [-Np/2, Np/2]: one wrap into FFT order
             const long long voxel = ((iz < 0 ? iz + n : iz) * n + (iy < 0 ? iy + n : iy)) * half + ix;
             const cfloat v = x[f];
@@ -93,9 +93,9 @@ KERNEL void insert(const cfloat *transforms, long long n_images, int np_, const 
             double wt = has_weights ? (double)w[f] : 1.0;
             if (deterministic) {
                 const long long sh = isqrt_ll(ix * ix + iy * iy + iz * iz);
-                re = rint(re * scale_v[sh]);
-                im = rint(im * scale_v[sh]);
-                wt = rint(wt * scale_w[sh]);
+                re = rint_small(re * scale_v[sh]);      // |value| < 2^51 by the choice of the scales
+                im = rint_small(im * scale_v[sh]);
+                wt = rint_small(wt * scale_w[sh]);
             }
             atomic_add(&data[voxel].re, re);
             atomic_add(&data[voxel].im, im);

@@ -30,6 +30,7 @@
 //                    size), with cmake, cadd, csub, cmul, cconj, cscale, cabs2 helpers usable on both targets.
 //   sincos_f(x, &s, &c)  float sine and cosine of x (radians); full-precision library versions on both targets.
 //
+//   floor_ll(x), rint_small(x)  floor to an integer and round-half-even of a double, without library calls.
 // Math: use the C functions (floor, sqrt, sin, cos, floorf, sqrtf, ...); on CUDA they are built in, on the CPU this
 // header includes <math.h>. Never pass -use_fast_math: the CPU and GPU must compute the same answer.
 #ifndef GPU_ALI3D_PORTABLE_CUH
@@ -116,5 +117,21 @@ template <typename T> DEVICE complex_t<T> cmul(complex_t<T> a, complex_t<T> b) {
 template <typename T> DEVICE complex_t<T> cconj(complex_t<T> a) { return cmake(a.re, -a.im); }
 template <typename T> DEVICE complex_t<T> cscale(complex_t<T> a, T s) { return cmake(a.re * s, a.im * s); }
 template <typename T> DEVICE T cabs2(complex_t<T> a) { return a.re * a.re + a.im * a.im; }
+
+// ------------------------------------------------------------------------------------------------ rounding
+// floor(x) as an integer, for |x| < 2^62: the same value as (long long)floor(x), without the library call that
+// floor() is on a baseline x86-64 host build (a conversion and a compare instead).
+DEVICE long long floor_ll(double x) {
+    const long long i = (long long)x;      // truncates towards zero
+    return i - (long long)(x < (double)i);
+}
+
+// rint(x) (round half to even) for |x| <= 2^51, without a library call: adding and subtracting 1.5 * 2^52 leaves
+// x rounded to an integer in the default rounding mode; both operations are exact otherwise. The compilers keep
+// the pair (no -ffast-math on either target).
+DEVICE double rint_small(double x) {
+    const double magic = 6755399441055744.0;   // 1.5 * 2^52
+    return (x + magic) - magic;
+}
 
 #endif  // GPU_ALI3D_PORTABLE_CUH

@@ -13,9 +13,11 @@ typedef double score_acc_t;
 
 // KERNEL score: one block per (image, pose) pair (FOR_BLOCKS), threads over samples (FOR_THREADS).
 //
-//   ref          complex64 (D, D, Dx), C-contiguous, D = n + 2 halo + 1, Dx = n/2 + 1 + 2 halo:
-//                PreparedReference.data (axes z, y, x; origin u = 0 at [n/2 + halo, n/2 + halo, halo]).
+//   ref          complex64 (D, D, Dx), C-contiguous, D = 2 E + 2 halo + 1, Dx = E + 1 + 2 halo: PreparedReference.data
+//                cropped to |u_a| <= E (gridding.cuh ref_layout; origin u = 0 at [E + halo, E + halo, halo]).
 //   n            int32: N, side of the padded grid (even). halo: int32, h = taps // 2.
+//   extent       int32: E <= N/2; every sample must have |k| <= E (the launch wrapper checks), as the taps of a
+//                point beyond E would leave the array.
 //   taps         int32: taps per axis (K = kb_width for Kaiser-Bessel, 2 for trilinear), <= 16.
 //   kind         int32: 0 Kaiser-Bessel, 1 trilinear (PreparedReference.interpolation).
 //   beta         float64: KB shape parameter (gridding.kb_beta; <= 16), ignored for trilinear.
@@ -32,19 +34,20 @@ typedef double score_acc_t;
 //   n_pairs      int64: number of (image, pose) pairs = blocks.
 //   out          float64 (n_pairs, 2), C-contiguous, written (every element): [sum_s w Re(conj(X) P),
 //                sum_s w |P|^2] with P = F(R^T k) * exp(2 pi i (kx sx + ky sy) / N) * ctf; samples with
-//                |k| > N/2 contribute P = 0 (as gridding.sample_reference).
+//                |k| > E (E <= N/2, so also those beyond Nyquist) contribute P = 0 (as gridding.sample_reference
+//                for |k| > N/2).
 // The rotation is computed per pair from the angles, in float64; interpolation and products in float32, the sums
 // accumulated in float64 per thread (score_acc_t) and reduced with block_sum. The shift phase of a sample is the
 // product of two per-axis factors (gridding.cuh axis_phase), tabulated once per pair for kx in [0, K] and ky in
 // [-K, K]: 3 K + 2 sines and cosines per pair instead of one per sample.
-KERNEL void score(const cfloat *ref, int n, int halo, int taps, int kind, double beta,
+KERNEL void score(const cfloat *ref, int n, int halo, int extent, int taps, int kind, double beta,
                   const float *freqs, const float *weights, int n_samples, int k_index,
                   const cfloat *data, const float *ctf, int has_ctf,
                   const double *poses, const long long *image_index, long long n_pairs, double *out) {
     kb_window w;
     kb_window_init(&w, beta, taps);
-    const ref_layout g = make_ref_layout(n, halo);
-    const double nyquist2 = 0.25 * (double)n * (double)n;
+    const ref_layout g = make_ref_layout(extent, halo);
+    const double reach2 = (double)extent * (double)extent;
     const int kt = k_index;
     FOR_BLOCKS(p, n_pairs) {
         BLOCK_SHARED(cfloat, phase, 3 * SCORE_MAX_K + 2);   // [0, K]: kx = 0..K; [K + 1, 3K + 1]: ky = -K..K
@@ -63,7 +66,7 @@ KERNEL void score(const cfloat *ref, int n, int halo, int taps, int kind, double
         FOR_THREADS(s, n_samples) {
             const double kx = freqs[2 * s], ky = freqs[2 * s + 1];
             cfloat v = cmake(0.0f, 0.0f);
-            if (kx * kx + ky * ky <= nyquist2) {
+            if (kx * kx + ky * ky <= reach2) {
                 const double ux = r[0] * kx + r[3] * ky;     // u = R^T (kx, ky, 0)
                 const double uy = r[1] * kx + r[4] * ky;
                 const double uz = r[2] * kx + r[5] * ky;

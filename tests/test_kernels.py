@@ -22,7 +22,8 @@ def backend(request, tmp_path_factory, monkeypatch) -> Backend:
     return make_backend(request.param)
 
 
-def _problem(rng, M, n_img, n_pairs, *, interpolation="kb", kb_width=6, with_ctf=True, kmax_frac=None):
+def _problem(rng, M, n_img, n_pairs, *, interpolation="kb", kb_width=6, with_ctf=True, kmax_frac=None,
+             image_pad=None):
     """A smooth random map in a sphere, noisy CTF projections of it at random poses, perturbed poses to score."""
     vol = rng.standard_normal((M, M, M))
     f = np.meshgrid(np.fft.fftfreq(M), np.fft.fftfreq(M), np.fft.rfftfreq(M), indexing="ij")
@@ -42,7 +43,7 @@ def _problem(rng, M, n_img, n_pairs, *, interpolation="kb", kb_width=6, with_ctf
     images += rng.standard_normal(images.shape) * images.std()
     # kmax = N/2 by default: the samples exactly at Nyquist are kept by both paths
     kmax = ref.N / 2 * (kmax_frac if kmax_frac is not None else 1.0)
-    prep = score.prepare_images(images, ou=M // 2 - 2, ctf=ctf, apix_A=2.0, kmax=kmax)
+    prep = score.prepare_images(images, ou=M // 2 - 2, ctf=ctf, apix_A=2.0, kmax=kmax, image_pad=image_pad)
     idx = rng.integers(0, n_img, n_pairs)
     poses = true[idx] + np.column_stack([rng.normal(0, 5, (n_pairs, 3)), rng.normal(0, 1.5, (n_pairs, 2))])
     return ref, prep, poses, idx
@@ -59,10 +60,10 @@ def _reference_power(ref, prep, poses, idx):
     return np.einsum("s,bs->b", prep.weights, np.abs(proj) ** 2)
 
 
-def _run(backend, ref, prep, poses, idx):
+def _run(backend, ref, prep, poses, idx, kmax=None):
     """Kernel sums into a NaN-poisoned output (every element must be written), then the score."""
     xp = backend.xp
-    kref = kernels.kernel_reference(backend, ref)
+    kref = kernels.kernel_reference(backend, ref, kmax=kmax)
     kimg = kernels.kernel_images(backend, prep)
     p = xp.asarray(poses, dtype=np.float64)
     i = xp.asarray(idx, dtype=np.int64)
@@ -104,6 +105,25 @@ def test_score_parity_options(backend, case):
     np.testing.assert_allclose(sums[:, 1], _reference_power(ref, prep, poses, idx), rtol=RTOL)
 
 
+@pytest.mark.parametrize("M, interpolation", [(32, "kb"), (33, "trilinear"), (64, "trilinear")])
+def test_score_parity_band_limited(backend, M, interpolation):
+    """Refinement's layout: images on their own M x M grid (image_pad 1), samples within a band, and the reference
+    cropped to that band for the kernel; the same sums as the whole reference, bitwise, and as numpy."""
+    rng = np.random.default_rng(M)
+    ref, prep, poses, idx = _problem(rng, M, 8, 80, interpolation=interpolation, kmax_frac=0.37, image_pad=1)
+    expected = score.score(ref, prep, poses, image_index=idx, path="reference")
+    got, sums = _run(backend, ref, prep, poses, idx, kmax=prep.kmax)
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+    _, whole = _run(backend, ref, prep, poses, idx)
+    np.testing.assert_array_equal(sums, whole)
+    kref = kernels.kernel_reference(backend, ref, kmax=prep.kmax)
+    assert kref.extent == int(np.ceil(prep.kmax)) < ref.N // 2
+    small = kernels.kernel_reference(backend, ref, kmax=prep.kmax - 2)
+    with pytest.raises(ValueError, match="cropped"):
+        kernels.score_sums(backend, small, kernels.kernel_images(backend, prep), backend.xp.asarray(poses),
+                           backend.xp.asarray(idx, dtype=np.int64))
+
+
 @pytest.mark.parametrize("M, n_img, n_pairs", [(64, 8, 40), (65, 6, 24), (128, 3, 6), (24, 50, 1500)])
 def test_score_parity_sizes(backend, M, n_img, n_pairs):
     # the issue's sizes 32, 64, 65, 128, and a batch of thousands-ish pairs at a small box
@@ -138,6 +158,7 @@ def test_score_sums_checks_arguments():
         kernels.score_sums(backend, kref, kimg, p, i + 10)
     with pytest.raises(ValueError, match="image_index has shape"):
         kernels.score_sums(backend, kref, kimg, p, i[:2])
-    bad = kernels.KernelImages(kimg.freqs, kimg.weights, prep.data, kimg.ctf, kimg.power, kimg.N, kimg.k_index)
+    bad = kernels.KernelImages(kimg.freqs, kimg.weights, prep.data, kimg.ctf, kimg.power, kimg.N, kimg.k_index,
+                               kimg.k_reach)
     with pytest.raises(TypeError, match="data must be complex64"):
         kernels.score_sums(backend, kref, bad, p, i)
