@@ -76,11 +76,13 @@ def wavelength_A(voltage_kV):
     return 12.2643247 / np.sqrt(v * (1.0 + v * 0.978466e-6))
 
 
-def evaluate(ctf: CTFParams, fx_invA, fy_invA) -> np.ndarray:
+def evaluate(ctf: CTFParams, fx_invA, fy_invA, *, dtype=np.float64) -> np.ndarray:
     """CTF values at spatial frequencies (module docstring for the formula).
 
     fx_invA, fy_invA : arrays broadcastable to each other, spatial frequency in 1/Angstrom (fx along columns,
-    fy along rows). Returns float64 of shape (n,) + broadcast shape, one plane per particle.
+    fy along rows). dtype : float64 (default), or float32 for the compiled paths, which read float32 CTFs: the
+    per-particle arithmetic then runs in float32 (gamma, up to some 10^2 rad at high resolution, to ~1e-5 rad).
+    Returns an array of dtype and shape (n,) + broadcast shape, one plane per particle.
     """
     fx = np.asarray(fx_invA, dtype=np.float64)[None]
     fy = np.asarray(fy_invA, dtype=np.float64)[None]
@@ -97,6 +99,20 @@ def evaluate(ctf: CTFParams, fx_invA, fy_invA) -> np.ndarray:
     lam = wavelength_A(par["voltage_kV"])
     cs_A = par["cs_mm"] * 1e7
     q = par["amp_contrast"]
+    if np.dtype(dtype) == np.float32:
+        # gamma = a s2 + b s2 cos2 + c s2 sin2 - d s2^2 + e: the shared grids and the per-particle coefficients
+        # made in float64, rounded to float32 once
+        s2_32, c2_32, s2c, s2s = (np.asarray(g, np.float32) for g in (s2, s2 * cos2, s2 * sin2, s2 * s2))
+        f32 = lambda a: np.asarray(a, np.float32)
+        gamma = (f32(np.pi * lam * mean) * s2_32 + f32(np.pi * lam * half_diff * np.cos(angle)) * c2_32
+                 + f32(np.pi * lam * half_diff * np.sin(angle)) * s2c - f32(0.5 * np.pi * cs_A * lam ** 3) * s2s
+                 + f32(np.arcsin(q)))
+        out = np.sin(gamma)
+        if np.any(par["bfactor_A2"] != 0):
+            out *= np.exp(f32(-0.25 * par["bfactor_A2"]) * s2_32)
+        return out
+    if np.dtype(dtype) != np.float64:
+        raise ValueError(f"dtype={dtype!r}: the CTF is evaluated in float64 or float32")
     defocus_term = (np.pi * lam) * (mean + (half_diff * np.cos(angle)) * cos2 + (half_diff * np.sin(angle)) * sin2)
     gamma = (defocus_term - (0.5 * np.pi * cs_A * lam ** 3) * s2) * s2 + np.arcsin(q)
     out = np.sin(gamma)
@@ -105,15 +121,15 @@ def evaluate(ctf: CTFParams, fx_invA, fy_invA) -> np.ndarray:
     return out
 
 
-def ctf_grid(ctf: CTFParams, box: int, apix_A: float, *, half: bool = True) -> np.ndarray:
+def ctf_grid(ctf: CTFParams, box: int, apix_A: float, *, half: bool = True, dtype=np.float64) -> np.ndarray:
     """CTF of every particle on the FFT grid of a box x box image.
 
-    Returns float64 (n, box, box // 2 + 1) for ``half=True`` (the layout of ``np.fft.rfft2``) or
-    (n, box, box) (``np.fft.fft2``); FFT order, origin at index 0, not centred.
+    Returns dtype (float64, or float32: :func:`evaluate`) (n, box, box // 2 + 1) for ``half=True`` (the layout
+    of ``np.fft.rfft2``) or (n, box, box) (``np.fft.fft2``); FFT order, origin at index 0, not centred.
     """
     fy = np.fft.fftfreq(box)[:, None] / apix_A
     fx = (np.fft.rfftfreq(box) if half else np.fft.fftfreq(box))[None, :] / apix_A
-    return evaluate(ctf, fx, fy)
+    return evaluate(ctf, fx, fy, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------- EMAN2 / RELION

@@ -118,7 +118,7 @@ def new_accumulator(M: int, *, npad: int = 2, sym: str = "c1", snr: float | None
 
 
 def insert(acc: FourierAccumulator, images: np.ndarray, poses: np.ndarray, *, ctf: CTFParams | None = None,
-           apix_A: float = 1.0, backend=None, deterministic: bool = True) -> None:
+           apix_A: float = 1.0, backend=None, deterministic: bool = True, scratch=None) -> None:
     """Insert images at their poses (and all symmetry mates) into ``acc``, in place (module docstring, steps 1-5).
 
     images : real (n, M, M), numpy order (y, x), centre (M // 2, M // 2). poses : (n, 5) [phi, theta, psi, sx, sy]
@@ -126,27 +126,31 @@ def insert(acc: FourierAccumulator, images: np.ndarray, poses: np.ndarray, *, ct
     apix_A : pixel size in Angstrom, for the CTF only.
     backend : None for the numpy reference (:func:`insert_transforms`), or a :class:`gpu_ali3d.backend.Backend` for
         kernels/insert.cu (:func:`insert_transforms_kernel`; ``acc.data`` and ``acc.weights`` must then be arrays of
-        that backend). Steps 1-4 run on the host (numpy) in both cases.
+        that backend). Steps 1-4 run on the host (numpy) in both cases, in float32 for the kernel.
     deterministic : kernel path only: bitwise repeatable sums (:func:`insert_sums`); False uses plain atomics.
+    scratch : kernel path only: zeroed grids to reuse across calls (:func:`insert_sums`).
     """
     images = np.asarray(images)
     if images.ndim != 3 or images.shape[1:] != (acc.M, acc.M):
         raise ValueError(f"images have shape {images.shape}; this accumulator takes (n, {acc.M}, {acc.M})")
-    transforms, weights = slice_transforms(images, poses, npad=acc.npad, ctf=ctf, apix_A=apix_A)
+    transforms, weights = slice_transforms(images, poses, npad=acc.npad, ctf=ctf, apix_A=apix_A,
+                                           single=backend is not None)
     if backend is None:
         insert_transforms(acc, transforms, weights, poses, ctf=ctf is not None)
     else:
         insert_transforms_kernel(acc, transforms, weights, poses, ctf=ctf is not None, backend=backend,
-                                 deterministic=deterministic)
+                                 deterministic=deterministic, scratch=scratch)
 
 
 def slice_transforms(images: np.ndarray, poses: np.ndarray, *, npad: int = 2, ctf: CTFParams | None = None,
-                     apix_A: float = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
+                     apix_A: float = 1.0, single: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """The centred, shifted (and CTF-multiplied) padded image transforms that ``insert`` scatters (steps 1-4).
 
     Returns (transforms, weights): transforms complex128 (n, Np, Np // 2 + 1), ``np.fft.rfft2`` layout (ky rows in
     FFT order, kx = 0..Np/2 columns), phase origin at the image centre, cycles per padded box; weights float64
     (n or 1, Np, Np // 2 + 1) = CTF^2, or None without CTF (weight 1).
+    single : compute in float32 / complex64 (what kernels/insert.cu reads) after the mean subtraction, at twice
+        the speed; the default float64 is the reference.
     """
     imgs = np.asarray(images)
     if imgs.ndim != 3 or imgs.shape[1] != imgs.shape[2]:
@@ -171,19 +175,20 @@ def slice_transforms(images: np.ndarray, poses: np.ndarray, *, npad: int = 2, ct
     if outside.any():
         imgs = imgs - imgs[:, outside].mean(axis=1)[:, None, None]
     # 2. pad with the image centre at padded index 0 (wrapping), so the transform is taken about the centre
-    padded = np.zeros((n, n_p, n_p))
+    real, cplx = (np.float32, np.complex64) if single else (np.float64, np.complex128)
+    padded = np.zeros((n, n_p, n_p), real)
     at = (np.arange(m) - c) % n_p
     padded[:, at[:, None], at[None, :]] = imgs
     spectrum = scipy.fft.rfft2(padded, workers=-1)
-    # 3. the shift: translate by (+sx, +sy)
+    # 3. the shift: translate by (+sx, +sy); separable, (n, Np, 1) then (n, 1, half), each made in float64
     ky = np.fft.fftfreq(n_p, d=1.0 / n_p)[:, None]
     kx = np.fft.rfftfreq(n_p, d=1.0 / n_p)[None, :]
-    spectrum *= np.exp(-2j * np.pi * ky * p[:, 4, None, None] / n_p)      # separable: (n, Np, 1) then (n, 1, half)
-    spectrum *= np.exp(-2j * np.pi * kx * p[:, 3, None, None] / n_p)
+    spectrum *= np.exp(-2j * np.pi * ky * p[:, 4, None, None] / n_p).astype(cplx)
+    spectrum *= np.exp(-2j * np.pi * kx * p[:, 3, None, None] / n_p).astype(cplx)
     # 4. the CTF, on the padded grid
     if ctf is None:
         return spectrum, None
-    ctf_values = ctf_grid(ctf, n_p, apix_A, half=True)
+    ctf_values = ctf_grid(ctf, n_p, apix_A, half=True, dtype=real)
     spectrum *= ctf_values
     return spectrum, ctf_values * ctf_values
 
@@ -229,13 +234,13 @@ def insert_transforms(acc: FourierAccumulator, transforms: np.ndarray, weights: 
 
 
 def insert_transforms_kernel(acc: FourierAccumulator, transforms, weights, poses: np.ndarray, *, ctf: bool,
-                             backend, deterministic: bool = True) -> None:
+                             backend, deterministic: bool = True, scratch=None) -> None:
     """:func:`insert_transforms` through kernels/insert.cu, in place: the same voxels, the same sums to float rounding.
 
     transforms, weights, poses, ctf : as :func:`insert_transforms` (numpy or backend arrays); the transforms are
     converted to complex64 and the weights to float32 (the kernel's input precision; sums are float64).
     acc.data, acc.weights : arrays of ``backend`` (on the CPU backend the numpy arrays themselves).
-    deterministic : see :func:`insert_sums`.
+    deterministic, scratch : see :func:`insert_sums`.
     """
     xp = backend.xp
     n, p = _check_slices(acc, transforms, weights, poses, ctf)
@@ -250,10 +255,18 @@ def insert_transforms_kernel(acc: FourierAccumulator, transforms, weights, poses
     samples = np.flatnonzero(keep).astype(np.int32)
     insert_sums(backend, xp.ascontiguousarray(xp.asarray(transforms, dtype=np.complex64)),
                 None if weights is None else xp.ascontiguousarray(xp.asarray(weights, dtype=np.float32)),
-                xp.asarray(mates), xp.asarray(samples), acc.data, acc.weights, deterministic=deterministic)
+                xp.asarray(mates), xp.asarray(samples), acc.data, acc.weights, deterministic=deterministic,
+                scratch=scratch)
 
 
-def insert_sums(backend, transforms, weights, mates, samples, data, wsum, *, deterministic: bool = True) -> None:
+def new_scratch(backend, n_p: int):
+    """Zeroed fixed-point grids for :func:`insert_sums` (deterministic mode), to reuse over many calls."""
+    shape = (n_p, n_p, n_p // 2 + 1)
+    return backend.xp.zeros(shape, np.complex128), backend.xp.zeros(shape, np.float64)
+
+
+def insert_sums(backend, transforms, weights, mates, samples, data, wsum, *, deterministic: bool = True,
+                scratch=None) -> None:
     """Launch kernels/insert.cu: add every kept sample of every image at every symmetry mate to ``data``/``wsum``.
 
     transforms : complex64 (n, Np, Np // 2 + 1), C-contiguous backend array (:func:`slice_transforms` layout).
@@ -265,6 +278,8 @@ def insert_sums(backend, transforms, weights, mates, samples, data, wsum, *, det
         (bitwise repeatable on any number of threads, CPU or GPU; kernels/insert.cu explains the scales); it costs a
         zeroed scratch grid of the accumulator's size and one pass over it. False: float64 atomics straight into the
         accumulator (the last bits follow thread timing).
+    scratch : (data, weights) grids of :func:`new_scratch`, all zero, to use instead of new ones (they are left
+        all zero again); None allocates them for this call.
     """
     xp = backend.xp
     n = transforms.shape[0] if getattr(transforms, "ndim", 0) == 3 else -1
@@ -300,8 +315,12 @@ def insert_sums(backend, transforms, weights, mates, samples, data, wsum, *, det
         launch(data, wsum, unused, unused, 0)
         return
     scale_v, scale_w = _shell_scales(xp, transforms, weights, samples, n_p, k)
-    scratch = xp.zeros_like(data)
-    scratch_w = xp.zeros_like(wsum)
+    if scratch is None:
+        scratch, scratch_w = new_scratch(backend, n_p)
+    else:
+        scratch, scratch_w = scratch
+        _check_array("scratch data", scratch, np.complex128, (n_p, n_p, half), xp)
+        _check_array("scratch weights", scratch_w, np.float64, (n_p, n_p, half), xp)
     launch(scratch, scratch_w, scale_v, scale_w, 1)
     backend.kernels.launch("insert", "insert_unscale", n_p * n_p, [
         scratch, scratch_w, np.int32(n_p), scale_v, scale_w, data, wsum])
@@ -403,12 +422,14 @@ def _accumulate(images, poses, which: np.ndarray, *, ctf, apix_A, snr, sym, npad
     if not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise ValueError(f"chunk={chunk!r} must be a positive number of images")
     acc = new_accumulator(images.shape[1], npad=npad, sym=sym, snr=snr)
+    scratch = None
     if backend is not None:                     # accumulate on the backend's device, one copy back at the end
         acc.data, acc.weights = backend.xp.asarray(acc.data), backend.xp.asarray(acc.weights)
+        scratch = new_scratch(backend, acc.Np) if len(which) > chunk else None   # shared by the chunks
     for start in range(0, len(which), chunk):
         sel = which[start:start + chunk]
         part_ctf = None if ctf is None else (ctf if len(ctf) == 1 else ctf[sel])
-        insert(acc, images[sel], poses[sel], ctf=part_ctf, apix_A=apix_A, backend=backend)
+        insert(acc, images[sel], poses[sel], ctf=part_ctf, apix_A=apix_A, backend=backend, scratch=scratch)
     if backend is not None:
         acc.data, acc.weights = backend.to_host(acc.data), backend.to_host(acc.weights)
     if ctf is not None:

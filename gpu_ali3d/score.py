@@ -43,6 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.fft
 
 from .ctf import CTFParams, evaluate
 from .geometry import as_poses, rotation_matrix
@@ -169,10 +170,12 @@ def prepare_images(images, ou: float, *, ctf: CTFParams | None = None, apix_A: f
         raise ValueError(f"image {flat[0]} is constant inside the mask of radius {ou}; it cannot be normalised")
     normed = mask * (imgs - mu[:, None, None]) / np.sqrt(var)[:, None, None]
 
+    # the transform about the centre pixel: the image goes into the L x L array with its centre at index 0 (the
+    # rest wrapped around), i.e. ifftshift of the image centred at L // 2
     padded = np.zeros((n_img, grid, grid))
-    s = grid // 2 - m // 2
-    padded[:, s:s + m, s:s + m] = normed
-    spectrum = np.fft.rfft2(np.fft.ifftshift(padded, axes=(1, 2)))          # about the centre pixel L // 2
+    at = (np.arange(m) - m // 2) % grid
+    padded[:, at[:, None], at[None, :]] = normed
+    spectrum = scipy.fft.rfft2(padded, workers=-1)
 
     kx, ky = section_grid(grid)
     kx, ky = kx * (n // grid), ky * (n // grid)                             # in padded-grid units

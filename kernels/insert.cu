@@ -107,15 +107,15 @@ KERNEL void insert(const cfloat *transforms, long long n_images, int np_, const 
 // KERNEL insert_unscale: the end of the deterministic mode, one block per (z, y) row of the grid (FOR_BLOCKS over
 // np_ * np_), threads over x. acc_data[v] += scratch_data[v] / scale_v[sh(v)], acc_w[v] += scratch_w[v] /
 // scale_w[sh(v)], sh(v) = floor(|i|) of the voxel's signed integer coordinates (as in insert). Division by a power of
-// two: exact (barring underflow).
+// two: exact (barring underflow). The scratch voxels are set back to 0, ready for the next batch of images.
 //
-//   scratch_data complex128 (np_, np_, np_ / 2 + 1), C-contiguous: the fixed-point sums of insert (mode 1).
-//   scratch_w    float64, same shape.
+//   scratch_data complex128 (np_, np_, np_ / 2 + 1), C-contiguous: the fixed-point sums of insert (mode 1); zeroed.
+//   scratch_w    float64, same shape; zeroed.
 //   np_          int32: Np (even).
 //   scale_v, scale_w  float64 (n_shells,): the scales insert used.
 //   acc_data     complex128, same shape: FourierAccumulator.data, added to.
 //   acc_w        float64, same shape: FourierAccumulator.weights, added to.
-KERNEL void insert_unscale(const cdouble *scratch_data, const double *scratch_w, int np_,
+KERNEL void insert_unscale(cdouble *scratch_data, double *scratch_w, int np_,
                            const double *scale_v, const double *scale_w, cdouble *acc_data, double *acc_w) {
     const long long n = np_, half = np_ / 2 + 1;
     FOR_BLOCKS(r, n * n) {
@@ -126,6 +126,9 @@ KERNEL void insert_unscale(const cdouble *scratch_data, const double *scratch_w,
             acc_data[v].re += scratch_data[v].re / scale_v[sh];
             acc_data[v].im += scratch_data[v].im / scale_v[sh];
             acc_w[v] += scratch_w[v] / scale_w[sh];
+            scratch_data[v].re = 0.0;
+            scratch_data[v].im = 0.0;
+            scratch_w[v] = 0.0;
         }
     }
 }

@@ -126,6 +126,22 @@ def test_deterministic_mode_repeats_bitwise(backend):
     assert len(digests) == 1
 
 
+def test_reused_scratch_gives_the_same_bits_and_is_left_zero(backend):
+    """Chunks sharing one scratch pair (reconstruct._accumulate) sum to the bits of fresh scratch per call."""
+    rng = np.random.default_rng(4)
+    images, poses, ctf = _case(rng, 32, 120, "each")
+    fresh = _on(backend, rec.new_accumulator(32))
+    shared = _on(backend, rec.new_accumulator(32))
+    scratch = rec.new_scratch(backend, shared.Np)
+    for part in (slice(0, 50), slice(50, 120)):
+        rec.insert(fresh, images[part], poses[part], ctf=ctf[part], apix_A=APIX_A, backend=backend)
+        rec.insert(shared, images[part], poses[part], ctf=ctf[part], apix_A=APIX_A, backend=backend,
+                   scratch=scratch)
+        assert not backend.to_host(scratch[0]).any() and not backend.to_host(scratch[1]).any()
+    assert _digest(*(backend.to_host(a) for a in (fresh.data, fresh.weights))) == \
+        _digest(*(backend.to_host(a) for a in (shared.data, shared.weights)))
+
+
 _RUN = """
 import hashlib, numpy as np
 from gpu_ali3d import reconstruct as rec
