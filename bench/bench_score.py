@@ -30,8 +30,9 @@ Per evaluation, with S kept samples and T taps per axis (KB: K = 6, T^3 = 216; t
   neighbouring samples of a block is ignored, so the byte counts are upper bounds);
 * per sample: the image's complex64 value (8 B) and, with CTF, a float32 CTF value (4 B): 12 B from HBM (counted
   with CTF, as in refinement); freqs and weights (12 B per sample) are shared by all pairs and stay in L2;
-* FLOPs per sample (FP32, an FMA = 2): KB weights 3 T lanes x 27 Horner FMAs = 972; the separable contraction
-  4 (T^3 + T^2 + T) = 1032 for K = 6; rotation, phase ramp (sincos), CTF, correlation and |P|^2 ~ 60.
+* FLOPs per sample (FP32, an FMA = 2): KB weights 3 T lanes x ~6 (index, two table reads, one lerp) = 108; the
+  separable contraction 4 (T^3 + T^2 + T) = 1032 for K = 6; rotation, phase (a product of two tabulated
+  factors), CTF, correlation and |P|^2 ~ 60.
   Trilinear: weights ~ 6 x 3, contraction 4 (8 + 4 + 2) = 56, the rest ~ 60. (The kernel also does a few FP64
   operations per tap lane, the distance u - j and its division by K/2; H100 FP64 is 34 TFLOP/s, FP64 division is
   much slower: not in this bound.)
@@ -66,7 +67,7 @@ L2_BW = 5.5e12
 FP32_FLOPS = 67e12
 #: FP32 work per sample outside the interpolation: rotation, phase ramp, CTF, correlation (module docstring).
 OTHER_FLOPS = 60
-KB_TERMS = 28                          # kernels/gridding.cuh
+KB_LANE_FLOPS = 6                      # kernels/gridding.cuh kb_weight: a table lerp per tap lane
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -129,7 +130,7 @@ def roofline(box: int, interpolation: str, samples: int) -> dict:
     volume_bytes = 8 * (n + 2 * h + 1) ** 2 * (n // 2 + 1 + 2 * h)
     t3 = taps ** 3
     if interpolation == "kb":
-        flops_sample = 3 * taps * (KB_TERMS - 1) * 2 + 4 * (t3 + taps ** 2 + taps) + OTHER_FLOPS
+        flops_sample = 3 * taps * KB_LANE_FLOPS + 4 * (t3 + taps ** 2 + taps) + OTHER_FLOPS
     else:
         flops_sample = 6 * 3 + 4 * (t3 + taps ** 2 + taps) + OTHER_FLOPS
     tap_bytes = 8 * t3 * samples

@@ -219,9 +219,10 @@ class KernelSet:
 # ----------------------------------------------------------------------------------------------- score.cu
 #: PreparedReference.interpolation -> the kernel's `kind` argument (kernels/gridding.cuh).
 INTERP_KINDS = {"kb": 0, "trilinear": 1}
-#: Limits of kernels/gridding.cuh: KB_MAX_BETA (series terms) and MAX_TAPS.
-KB_MAX_BETA = 16.0
+#: Limit of kernels/gridding.cuh: MAX_TAPS.
 MAX_TAPS = 16
+#: Intervals of the Kaiser-Bessel window table (kernels/gridding.cuh kb_window, :func:`kb_window_table`).
+KB_TABLE_SIZE = 4096
 #: Limit of kernels/score.cu: the largest |kx|, |ky| of a sample (SCORE_MAX_K, the size of its phase table).
 SCORE_MAX_K = 1024
 
@@ -233,7 +234,8 @@ class KernelReference:
     data : complex64 (2E + 2h + 1, 2E + 2h + 1, E + 1 + 2h), C-contiguous: the layout of
     :class:`gpu_ali3d.gridding.PreparedReference` (axes z, y, x; halo h) cropped to the frequencies |u_a| <= E
     (E = N // 2: all of it). N, halo, taps : ints. extent : E, the largest sample radius it serves.
-    kind : 0 Kaiser-Bessel, 1 trilinear. beta : KB shape parameter (gridding.kb_beta).
+    kind : 0 Kaiser-Bessel, 1 trilinear. window : float32 (KB_TABLE_SIZE + 1,) backend array, the KB window table
+    (:func:`kb_window_table`; for trilinear a placeholder the kernel does not read).
     """
 
     data: object
@@ -241,7 +243,7 @@ class KernelReference:
     halo: int
     taps: int
     kind: int
-    beta: float
+    window: object
     extent: int
 
 
@@ -279,9 +281,6 @@ def kernel_reference(backend, ref, kmax: float | None = None) -> KernelReference
         raise ValueError(f"ref.interpolation={ref.interpolation!r}; expected one of {tuple(INTERP_KINDS)}")
     if ref.taps > MAX_TAPS:
         raise ValueError(f"the kernels handle at most {MAX_TAPS} taps per axis; got kb_width={ref.taps}")
-    if ref.interpolation == "kb" and not ref.beta <= KB_MAX_BETA:
-        raise ValueError(f"Kaiser-Bessel beta = pi alpha K / (2 pad) = {ref.beta:.3f} exceeds the kernels' "
-                         f"{KB_MAX_BETA} (SPARX's K = 6, alpha = 1.75, pad = 2 give 8.25); use a smaller kb_alpha")
     n, h = int(ref.N), int(ref.halo)
     if kmax is not None and not (np.isfinite(kmax) and kmax > 0):
         raise ValueError(f"kmax={kmax!r} must be a positive frequency in padded-grid units (or None for all)")
@@ -290,8 +289,24 @@ def kernel_reference(backend, ref, kmax: float | None = None) -> KernelReference
     cropped = ref.data[lo:lo + 2 * extent + 2 * h + 1, lo:lo + 2 * extent + 2 * h + 1, :extent + 1 + 2 * h]
     xp = backend.xp
     data = xp.ascontiguousarray(xp.asarray(np.ascontiguousarray(cropped), dtype=np.complex64))
+    window = kb_window_table(ref) if ref.interpolation == "kb" else np.zeros(2, np.float32)
     return KernelReference(data=data, N=n, halo=h, taps=int(ref.taps), kind=INTERP_KINDS[ref.interpolation],
-                           beta=float(ref.beta), extent=extent)
+                           window=xp.asarray(window), extent=extent)
+
+
+def kb_window_table(ref, size: int = KB_TABLE_SIZE) -> np.ndarray:
+    """float32 (size + 1,): the Kaiser-Bessel window of a PreparedReference at d = i * (K / 2) / size, i = 0..size
+    (:func:`gpu_ali3d.gridding.kb_weights` in float64), which the kernels interpolate linearly for |d| < K / 2.
+    The last entry is the window's limit at the edge, 1 / I0(beta) (the window drops to 0 only beyond it), so
+    the last interval interpolates the curve, not the step."""
+    from scipy.special import i0
+
+    from .gridding import kb_weights
+
+    d = np.arange(size + 1) * (0.5 * ref.kb_width / size)
+    table = kb_weights(d, kb_width=ref.kb_width, kb_alpha=ref.kb_alpha, pad=ref.pad)
+    table[-1] = 1.0 / i0(ref.beta)
+    return table.astype(np.float32)
 
 
 def kernel_images(backend, prepared) -> KernelImages:
@@ -351,8 +366,7 @@ def score_sums(backend, kref: KernelReference, kimg: KernelImages, poses, image_
     ctf = kimg.ctf if kimg.ctf is not None else kimg.weights         # not read when has_ctf = 0
     backend.kernels.launch("score", "score", n, [
         kref.data, np.int32(kref.N), np.int32(kref.halo), np.int32(kref.extent), np.int32(kref.taps),
-        np.int32(kref.kind),
-        np.float64(kref.beta), kimg.freqs, kimg.weights, np.int32(n_s), np.int32(kimg.k_index), kimg.data, ctf,
+        np.int32(kref.kind), kref.window, np.int32(kref.window.shape[0] - 1), kimg.freqs, kimg.weights, np.int32(n_s), np.int32(kimg.k_index), kimg.data, ctf,
         np.int32(kimg.ctf is not None), poses, image_index, np.int64(n), out])
     return out
 

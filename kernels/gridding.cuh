@@ -7,42 +7,35 @@
 
 #define INTERP_KB 0
 #define INTERP_TRILINEAR 1
-// Terms of the power series of the Kaiser-Bessel window (kb_window_init); exact to float rounding for beta <= 16
-// (the launch wrappers check; SPARX's K = 6, alpha = 1.75, pad = 2 give beta = 8.25).
-#define KB_TERMS 28
-#define KB_MAX_BETA 16.0
 // Largest tap count handled by the generic (run-time taps) interpolation.
 #define MAX_TAPS 16
 
-// The normalised KB window I0(beta sqrt(t)) / I0(beta), t = 1 - (d / half)^2, as a polynomial in t:
-//   sum_k c[k] t^k,  c[k] = (beta^2 / 4)^k / (k!)^2 / I0(beta)
-// (the series of I0; every term is positive, so float32 Horner evaluation is accurate to a few ulp).
+// The Kaiser-Bessel window of one axis, I0(beta sqrt(1 - (d / half)^2)) / I0(beta) for |d| < half = K / 2, from
+// a table made by the host in float64 (kernels.kb_window_table, from gridding.kb_weights): table[i] = window at
+// d = i * half / size, i = 0 .. size, rounded to float32, and linear interpolation between entries (largest error
+// 8.5e-8 for size 4096 at SPARX's beta = 8.25, tests/test_kernels.py). Two table reads per tap lane instead of the
+// Bessel series.
 struct kb_window {
-    float c[KB_TERMS];
+    const float *table;
+    int size;
     double half;        // K / 2, padded-grid samples
 };
 
-// gridding.kb_weights' parameters: width = K taps, beta = kb_beta(K, alpha, pad) (computed by the host).
-DEVICE void kb_window_init(kb_window *w, double beta, int width) {
-    const double q = 0.25 * beta * beta;
-    double term = 1.0, i0 = 0.0, terms[KB_TERMS];
-    for (int k = 0; k < KB_TERMS; ++k) {
-        if (k > 0) term *= q / ((double)k * (double)k);
-        terms[k] = term;
-    }
-    for (int k = KB_TERMS - 1; k >= 0; --k) i0 += terms[k];   // smallest first
-    for (int k = 0; k < KB_TERMS; ++k) w->c[k] = (float)(terms[k] / i0);
-    w->half = 0.5 * width;
+DEVICE kb_window make_kb_window(const float *table, int size, int width) {
+    kb_window w;
+    w.table = table;
+    w.size = size;
+    w.half = 0.5 * width;
+    return w;
 }
 
 // gridding.kb_weights: one axis's weight at distance d (padded-grid samples); 0 unless |d| < K/2.
 DEVICE float kb_weight(const kb_window *w, double d) {
-    if (!(fabs(d) < w->half)) return 0.0f;
-    const float r = (float)(d / w->half);
-    const float t = 1.0f - r * r;
-    float acc = w->c[KB_TERMS - 1];
-    for (int k = KB_TERMS - 2; k >= 0; --k) acc = acc * t + w->c[k];
-    return acc;
+    const double a = fabs(d) / w->half * (double)w->size;
+    if (!(a < (double)w->size)) return 0.0f;
+    const int i = (int)a;
+    const float f = (float)(a - (double)i);
+    return w->table[i] + f * (w->table[i + 1] - w->table[i]);
 }
 
 // The hat window of trilinear interpolation (gridding._interpolate, "trilinear"): max(0, 1 - |d|).
@@ -68,31 +61,13 @@ DEVICE ref_layout make_ref_layout(int extent, int halo) {
 }
 
 // The 3 * nt tap weights of a point, wt[a * NT + t] for axis a (x, y, z) and tap t, distance d = u_a - (j_a + t).
-// Kaiser-Bessel: the Horner loop runs over the terms outside and the lanes inside, so it vectorises (CPU) and
-// pipelines (GPU); it is the bulk of the work of an interpolation.
 template <int NT>
 DEVICE void tap_weights(int nt, int kind, const kb_window *w, const double *u, const long long *j, float *wt) {
-    if (kind != INTERP_KB) {
-        for (int a = 0; a < 3; ++a)
-            for (int t = 0; t < nt; ++t) wt[a * NT + t] = hat_weight(u[a] - (double)(j[a] + t));
-        return;
-    }
-    float tt[3 * NT];
-    for (int i = 0; i < 3 * NT; ++i) tt[i] = -1.0f;            // lanes t >= nt of the generic (TAPS = 0) form
     for (int a = 0; a < 3; ++a)
         for (int t = 0; t < nt; ++t) {
             const double d = u[a] - (double)(j[a] + t);
-            const float r = (float)(d / w->half);
-            // |d| >= K/2 (outside the window): t = -1 marks the lane, zeroed below
-            tt[a * NT + t] = fabs(d) < w->half ? 1.0f - r * r : -1.0f;
+            wt[a * NT + t] = kind == INTERP_KB ? kb_weight(w, d) : hat_weight(d);
         }
-    float acc[3 * NT];
-    for (int i = 0; i < 3 * NT; ++i) acc[i] = w->c[KB_TERMS - 1];
-    for (int k = KB_TERMS - 2; k >= 0; --k) {
-        const float ck = w->c[k];
-        for (int i = 0; i < 3 * NT; ++i) acc[i] = acc[i] * tt[i] + ck;
-    }
-    for (int i = 0; i < 3 * NT; ++i) wt[i] = tt[i] >= 0.0f ? acc[i] : 0.0f;
 }
 
 // gridding._interpolate at one point u = (ux, uy, uz) (padded-grid units, |u| <= N/2): separable interpolation

@@ -20,7 +20,8 @@ typedef double score_acc_t;
 //                point beyond E would leave the array.
 //   taps         int32: taps per axis (K = kb_width for Kaiser-Bessel, 2 for trilinear), <= 16.
 //   kind         int32: 0 Kaiser-Bessel, 1 trilinear (PreparedReference.interpolation).
-//   beta         float64: KB shape parameter (gridding.kb_beta; <= 16), ignored for trilinear.
+//   window       float32 (window_size + 1,): the KB window table (gridding.cuh kb_window; kernels.kb_window_table),
+//                read only for Kaiser-Bessel. window_size: int32.
 //   freqs        float32 (S, 2), C-contiguous: kept samples (kx, ky), padded-grid units (integers, kx >= 0),
 //                PreparedImages.freqs.
 //   weights      float32 (S,): Hermitian multiplicity (1 or 2), PreparedImages.weights.
@@ -40,12 +41,12 @@ typedef double score_acc_t;
 // accumulated in float64 per thread (score_acc_t) and reduced with block_sum. The shift phase of a sample is the
 // product of two per-axis factors (gridding.cuh axis_phase), tabulated once per pair for kx in [0, K] and ky in
 // [-K, K]: 3 K + 2 sines and cosines per pair instead of one per sample.
-KERNEL void score(const cfloat *ref, int n, int halo, int extent, int taps, int kind, double beta,
+KERNEL void score(const cfloat *ref, int n, int halo, int extent, int taps, int kind,
+                  const float *window, int window_size,
                   const float *freqs, const float *weights, int n_samples, int k_index,
                   const cfloat *data, const float *ctf, int has_ctf,
                   const double *poses, const long long *image_index, long long n_pairs, double *out) {
-    kb_window w;
-    kb_window_init(&w, beta, taps);
+    const kb_window w = make_kb_window(window, window_size, taps);
     const ref_layout g = make_ref_layout(extent, halo);
     const double reach2 = (double)extent * (double)extent;
     const int kt = k_index;

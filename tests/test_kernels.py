@@ -142,6 +142,18 @@ def test_score_kernel_pairs_pose_i_with_image_i(backend):
     np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
 
 
+def test_kb_window_table_interpolates_the_window():
+    """The kernels' KB table, read as gridding.cuh reads it (linear interpolation), against gridding.kb_weights."""
+    ref = gridding.prepare_reference(np.zeros((16, 16, 16)))
+    table = kernels.kb_window_table(ref).astype(np.float64)
+    size, half = len(table) - 1, ref.kb_width / 2
+    d = np.random.default_rng(0).uniform(0, half, 200_000)
+    a = d / half * size
+    i = a.astype(int)
+    got = table[i] + (a - i).astype(np.float32) * (table[i + 1] - table[i])
+    assert np.abs(got - gridding.kb_weights(d)).max() < 2e-7
+
+
 def test_score_sums_checks_arguments():
     backend = make_backend("cpu")
     rng = np.random.default_rng(5)
