@@ -106,6 +106,10 @@ def main(argv=None) -> int:
                     return 1
                 row = json.loads(proc.stdout.splitlines()[-1])
                 row["roofline_h100"] = roofline(box, interp, row["samples"])
+                row["samples_per_s"] = row["kernel_evals_per_s"] * row["samples"]
+                if row.get("gpu_evals_per_s"):
+                    row["gpu_fraction_of_h100_bound"] = row["gpu_evals_per_s"] / row["roofline_h100"][
+                        "bound_evals_per_s"]
                 rows.append(row)
                 if len(rows) == 1:
                     print(_header())
@@ -173,7 +177,7 @@ def machine_info() -> dict:
 
 # ----------------------------------------------------------------------------------------------- helpers
 def _worker(config: dict) -> dict:
-    from gpu_ali3d.backend import make_backend
+    from gpu_ali3d.backend import gpu_available, make_backend
     from gpu_ali3d.gridding import prepare_reference
     from gpu_ali3d.score import make_objective, prepare_images, score
 
@@ -198,7 +202,14 @@ def _worker(config: dict) -> dict:
     kernel_rate, _ = _rate(lambda: objective(poses, owner), n_pairs, config["min_seconds"])
     reference_rate, ref_scores = _rate(lambda: score(ref, prep, poses[:m], image_index=owner[:m]), m,
                                        config["min_seconds"])
-    return dict(box=box, interpolation=interp, threads=config["threads"],
+    gpu_rate = None
+    if config["threads"] == 1 and gpu_available():          # the same source on the GPU, once per box and interp
+        gpu = make_backend("gpu")
+        gpu_objective = make_objective(ref, prep, backend=gpu)
+        gp, go = gpu.xp.asarray(poses), gpu.xp.asarray(owner)
+        gpu.to_host(gpu_objective(gp, go))                  # compile, warm up
+        gpu_rate, _ = _rate(lambda: gpu.to_host(gpu_objective(gp, go)), n_pairs, config["min_seconds"])
+    return dict(box=box, interpolation=interp, threads=config["threads"], gpu_evals_per_s=gpu_rate,
                 omp_num_threads=os.environ.get("OMP_NUM_THREADS"), samples=int(len(prep.freqs)),
                 kernel_pairs=n_pairs, reference_pairs=m, kernel_evals_per_s=kernel_rate,
                 reference_evals_per_s=reference_rate, speedup=kernel_rate / reference_rate,
@@ -219,15 +230,17 @@ def _rate(fn, n: int, min_seconds: float):
 
 def _header() -> str:
     return (f"{'box':>4} {'interp':>9} {'thr':>3} {'samples':>7} | {'reference/s':>11} {'kernel/s':>9} "
-            f"{'speedup':>7} {'max|diff|':>9} | {'H100 bound/s':>12} {'limit':>5} {'ref in L2':>9}\n" + "-" * 100)
+            f"{'samples/s':>9} {'speedup':>7} {'max|diff|':>9} | {'GPU/s':>8} {'H100 bound/s':>12} {'limit':>5} "
+            f"{'ref in L2':>9}\n" + "-" * 120)
 
 
 def _format_row(r: dict) -> str:
     rf = r["roofline_h100"]
+    gpu = f"{r['gpu_evals_per_s']:>8.3g}" if r.get("gpu_evals_per_s") else f"{'-':>8}"
     return (f"{r['box']:>4} {r['interpolation']:>9} {r['threads']:>3} {r['samples']:>7} | "
-            f"{r['reference_evals_per_s']:>11.1f} {r['kernel_evals_per_s']:>9.1f} {r['speedup']:>7.1f} "
-            f"{r['max_abs_diff']:>9.1e} | {rf['bound_evals_per_s']:>12.3g} {rf['limited_by']:>5} "
-            f"{'yes' if rf['l2_resident'] else 'no':>9}")
+            f"{r['reference_evals_per_s']:>11.1f} {r['kernel_evals_per_s']:>9.1f} {r['samples_per_s']:>9.3g} "
+            f"{r['speedup']:>7.1f} {r['max_abs_diff']:>9.1e} | {gpu} {rf['bound_evals_per_s']:>12.3g} "
+            f"{rf['limited_by']:>5} {'yes' if rf['l2_resident'] else 'no':>9}")
 
 
 if __name__ == "__main__":
