@@ -14,7 +14,8 @@ side), collects their JSON and writes ``bench/results/suite_<host>.json`` and ``
 * ``mpi``: strong scaling under mpiexec and the communication model (bench_mpi.py; needs mpi4py).
 
 A section that cannot run here (no RELION, no mpi4py) is skipped with its reason in the report.
-``--quick`` runs small versions (about 5 minutes instead of about 30 on 2 cores).
+``--quick`` runs small versions (about 5 minutes instead of about 20 on 2 cores). Running some ``--sections``
+updates those in the host's report and keeps the others, each with the date it was measured.
 
     python -m bench                       # everything
     python -m bench --quick
@@ -35,7 +36,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SECTIONS = ("score", "scaling", "relion", "mpi")
 
-FULL = {"score": [], "scaling": [], "relion": [], "mpi": ["--n", "300", "--box", "48"]}
+FULL = {"score": [], "scaling": [], "relion": [], "mpi": ["--n", "2000", "--box", "64"]}
 QUICK = {"score": ["--boxes", "64", "--min-seconds", "1"], "scaling": ["--n", "500", "1000", "--boxes", "64"],
          "relion": ["--n", "500", "--interpolation", "trilinear"], "mpi": ["--n", "150", "--box", "48"]}
 
@@ -51,6 +52,13 @@ def main(argv=None) -> int:
     results_dir.mkdir(exist_ok=True)
     args = QUICK if a.quick else FULL
     suite = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": a.host, "quick": a.quick, "sections": {}}
+    previous = results_dir / f"suite_{a.host}.json"
+    if previous.is_file() and set(a.sections) != set(SECTIONS):
+        # a partial run updates its sections in the host's report and keeps the others (each has its date)
+        old = json.loads(previous.read_text())
+        if old.get("quick") == a.quick:
+            suite["sections"] = {k: {"date": old["date"], **v} for k, v in old["sections"].items()
+                                 if k not in a.sections}
     for name in a.sections:
         reason = _unavailable(name)
         if reason:
@@ -66,7 +74,8 @@ def main(argv=None) -> int:
             suite["sections"][name] = {"failed": f"exit status {proc.returncode}"}
             print(f"== {name}: FAILED (exit status {proc.returncode})", flush=True)
             continue
-        suite["sections"][name] = {"wall_s": time.perf_counter() - t0, "result": json.loads(out.read_text())}
+        suite["sections"][name] = {"wall_s": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                   "result": json.loads(out.read_text())}
     from bench_score import machine_info
 
     suite["machine"] = machine_info()
@@ -118,13 +127,15 @@ def markdown(suite: dict) -> str:
              "", f"{m.get('cpu')}, {m.get('cores')} cores, {m.get('system')}; python {v.get('python')}, numpy "
              f"{v.get('numpy')}, scipy {v.get('scipy')}, finufft {v.get('finufft')}, cupy {v.get('cupy')}, "
              f"{m.get('compiler')}; gpu-ali3d {v.get('gpu_ali3d')} (git {v.get('git')})", ""]
-    for name, sec in suite["sections"].items():
+    for name in [n for n in SECTIONS if n in suite["sections"]]:
+        sec = suite["sections"][name]
         lines.append(f"## {name}")
         lines.append("")
         if "result" not in sec:
             lines += [f"{'Skipped' if 'skipped' in sec else 'Failed'}: {sec.get('skipped') or sec.get('failed')}", ""]
             continue
-        lines += globals()[f"_md_{name}"](sec["result"]) + ["", f"({sec['wall_s']:.0f} s)", ""]
+        lines += globals()[f"_md_{name}"](sec["result"]) + ["", f"({sec.get('date', suite['date'])}, "
+                                                               f"{sec['wall_s']:.0f} s)", ""]
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""The ``gpu-ali3d`` command: refine | demo | simulate | convert | info.
+"""The ``gpu-ali3d`` command: refine | demo | simulate | convert | compare | info.
 
 Each subcommand parses, validates, calls the library and returns an exit code. User errors (bad values, unreadable
 or malformed files, existing outputs) print one line ``gpu-ali3d: error: ...`` and exit with status 2; ``--debug``
@@ -120,6 +120,22 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .accuracy import gauge_free_angle_errors
+    from .geometry import shift_distance
+    from .io.formats import read_stack
+
+    a, b = read_stack(args.poses), read_stack(args.truth)
+    if len(a) != len(b):
+        raise ValueError(f"{args.poses} has {len(a)} particles but {args.truth} has {len(b)}; compare the same set")
+    angle = gauge_free_angle_errors(a.poses, b.poses)
+    shift = shift_distance(a.poses, b.poses)
+    print(f"{len(a)} particles: angle error median {np.median(angle):.3f} deg, mean {angle.mean():.3f}, "
+          f"90th percentile {np.percentile(angle, 90):.3f} (one global rotation removed); shift error median "
+          f"{np.median(shift):.3f} px, mean {shift.mean():.3f}")
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .io.formats import read_stack, stack_format
 
@@ -236,6 +252,16 @@ def _build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="random seed")
     m.add_argument("--debug", action="store_true", help="tracebacks on errors")
     m.set_defaults(run=_cmd_demo)
+
+    q = sub.add_parser("compare", help="pose errors of one stack against another (e.g. simulate's truth)",
+                       formatter_class=_Formatter,
+                       description="Angular error of every particle's pose in POSES against TRUTH (same particles, "
+                       "same order), with the one global rotation a refinement cannot fix removed, and the shift "
+                       "error in pixels; prints median, mean and 90th percentile.")
+    q.add_argument("poses", help="refined stack, e.g. OUTDIR/particles.star")
+    q.add_argument("truth", help="the true poses, e.g. the _truth file gpu-ali3d simulate wrote")
+    q.add_argument("--debug", action="store_true", help="tracebacks on errors")
+    q.set_defaults(run=_cmd_compare)
 
     i = sub.add_parser("info", help="describe a particle stack", formatter_class=_Formatter)
     i.add_argument("stack")

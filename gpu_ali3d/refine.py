@@ -274,7 +274,8 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
             if opts.center == -1:
                 poses = parallel.on_root(comm, lambda: centre_data(poses))   # one answer for every rank
             volf, curve, (cutoff, falloff) = _reference(images, poses, half, ctf, apix, mask, opts, user_function,
-                                                        backend, outdir, iteration, ic, comm=comm, first=lo)
+                                                        backend, outdir, iteration, ic, comm=comm, first=lo,
+                                                        final=last and ic == len(chunks) - 1)
             rec.reconstruct_s = time.perf_counter() - t0
             state.curves.append((iteration, ic, curve))
             rec.fsc05_A, rec.fsc0143_A = _resolutions(curve, apix)
@@ -335,12 +336,13 @@ def _write_headers(source_path: Path, original: ParticleStack, refined: Particle
 
 
 def _reference(images, poses, half, ctf, apix, mask, opts, user_function, backend, outdir, iteration, ic, *,
-               comm=None, first=0):
+               comm=None, first=0, final=False):
     """Half maps, masked FSC, full map and the user function's reference; writes vol, volf and resolution.
     backend None: numpy reference insertion; else kernels/insert.cu (deterministic mode) on that backend.
     MPI (comm of several ranks): images are this rank's block, particles first .. first + len(images) - 1 of the
     global poses, half and ctf; the half-set accumulators are summed on rank 0 (:func:`parallel.reduce_accumulator`,
-    fixed order), which finishes, filters and writes, and every rank gets the same (volf, curve, tanh fit)."""
+    fixed order), which finishes, filters and writes, and every rank gets the same (volf, curve, tanh fit).
+    final: the last reconstruction of the run; its maps are also written as map.mrc and map_filtered.mrc."""
     from .reconstruct import accumulate_halves, add, finish
     from .resolution import fit_tanh, fsc_mask, fsc_text
 
@@ -362,6 +364,9 @@ def _reference(images, poses, half, ctf, apix, mask, opts, user_function, backen
         volf, _centre = user_function([mask, opts.center if opts.center == 1 else 0, full, curve])
         volf = np.asarray(volf, dtype=np.float64)
         write_volume(outdir / f"volf{tag}.hdf", volf.astype(np.float32), apix, overwrite=True)
+        if final:           # the result as MRC too, for ChimeraX, RELION and the rest
+            write_volume(outdir / "map.mrc", full.astype(np.float32), apix, overwrite=True)
+            write_volume(outdir / "map_filtered.mrc", volf.astype(np.float32), apix, overwrite=True)
         return volf, curve, fit_tanh(curve)
 
     if comm.size == 1:

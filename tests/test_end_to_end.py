@@ -61,11 +61,33 @@ def test_outputs_written_and_input_untouched(refined):
     columns = np.loadtxt(out / "resolution000_000")
     assert columns.shape[1] == 3 and columns[0, 0] == 0 and columns[-1, 0] == pytest.approx(0.5, abs=0.02)
     assert "criterion" in (out / "log.txt").read_text()
+    # the final maps also as MRC (for ChimeraX): the last reconstruction and its filtered version
+    from gpu_ali3d.io.formats import read_volume
+    for mrc, hdf in (("map.mrc", "vol002_000.hdf"), ("map_filtered.mrc", "volf002_000.hdf")):
+        (a, apix), (b, _) = read_volume(out / mrc), read_volume(out / hdf)
+        np.testing.assert_array_equal(a, b)
+        assert apix == pytest.approx(4.0)
+    assert summary[0]["evaluations"] > 0 and summary[0]["align_s"] > 0 and summary[0]["kmax_px"] > 0
     # --debug: one line per image and aligning iteration: old and new parameters with their criterion
     lines = (out / "progress.txt").read_text().splitlines()
     assert len(lines) == 2 * len(stack)
     first = lines[0].split()
     assert first[3] == "old" and first[10] == "new" and len(first) == 17
+
+
+def test_compare_command_reports_the_error_against_the_truth(refined, capsys):
+    from gpu_ali3d.cli import main
+
+    tmp, _, truth, result, _ = refined
+    stack = read_stack(tmp / "sim.star")
+    truth_stack = type(stack)(images=stack.images, poses=truth, apix_A=stack.apix_A, ctf=stack.ctf,
+                              image_refs=stack.image_refs, meta=stack.meta)
+    write_stack(truth_stack, tmp / "truth.star", overwrite=True)
+    assert main(["compare", str(tmp / "out" / "particles.star"), str(tmp / "truth.star")]) == 0
+    text = capsys.readouterr().out
+    want = np.median(gauge_free_angle_errors(result.poses, truth))
+    assert f"angle error median {want:.3f} deg" in text and f"{len(truth)} particles" in text
+    assert main(["compare", str(tmp / "sim.star"), str(tmp / "out" / "params_000.txt")]) == 2
 
 
 def test_existing_outdir_refused(refined):
