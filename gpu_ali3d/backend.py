@@ -27,6 +27,14 @@ class Backend:
         """A numpy copy (GPU) or the array itself (CPU). Only at reduction and I/O boundaries."""
         return a if self.xp is np else self.xp.asnumpy(a)
 
+    def free_memory_bytes(self) -> int | None:
+        """Free memory of the GPU this process uses (cudaMemGetInfo plus what CuPy's pool holds unused); None on
+        the CPU backend, whose arrays share the host memory that the callers budget for anyway."""
+        if self.xp is np:
+            return None
+        free, _total = self.xp.cuda.runtime.memGetInfo()
+        return int(free + self.xp.get_default_memory_pool().free_bytes())
+
 
 def make_backend(name: str = "auto", *, kernel_dir=None) -> Backend:
     """name : "cpu", "gpu" (RuntimeError when no usable CUDA device) or "auto" (gpu if cupy imports and sees a

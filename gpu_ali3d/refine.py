@@ -258,6 +258,10 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
         f"ts {opts.ts:g}, maxit {opts.maxit}, chunk {opts.chunk:g}, CTF {'on' if ctf is not None else 'off'}, "
         f"sym {opts.sym}, interpolation {opts.interpolation}, device {backend.name if backend else 'reference'}")
     say(f"memory estimate: {memory_estimate_bytes(n, box, opts) / 2**20:.0f} MiB")
+    free = backend.free_memory_bytes() if backend is not None else None
+    if free is not None:
+        say(f"device memory estimate: {device_memory_estimate_bytes(n, box, opts, free) / 2**20:.0f} MiB "
+            f"({free / 2**20:.0f} MiB free)")
     lo, hi = parallel.block(n, comm.rank, comm.size)      # this rank's particles; it reads only their images
     if comm.size > 1:
         say(f"MPI: {comm.size} ranks, {hi - lo} particles on rank 0")
@@ -405,7 +409,9 @@ def _align(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, backend, p
     work = np.zeros(2, dtype=np.int64)                 # evaluations, simplex steps
     before = np.empty(len(poses))
     after = np.empty(len(poses))
-    size = alignment_batch(len(poses), images.shape[-1], opts.batch)
+    size = alignment_batch(len(poses), images.shape[-1], opts.batch,
+                           device_free=None if backend is None else backend.free_memory_bytes(),
+                           samples=int(np.pi * (kmax / ref.N * images.shape[-1]) ** 2 / 2) + 1)
     batches = range(0, len(poses), size)
     for start in tqdm(batches, desc=label, unit="batch", disable=not progress, leave=False):
         sl = slice(start, min(start + size, len(poses)))
@@ -462,12 +468,27 @@ def centre_data(poses: np.ndarray) -> np.ndarray:
     return out
 
 
-def alignment_batch(n: int, box: int, requested: int = 0, *, budget: int = BATCH_MEMORY_BYTES) -> int:
-    """Images per batched-simplex call: ``requested`` if > 0, else as many as fit ``budget`` bytes while they are
-    prepared (:func:`_prepared_bytes_per_image`), at least 1."""
+def alignment_batch(n: int, box: int, requested: int = 0, *, budget: int = BATCH_MEMORY_BYTES,
+                    device_free: int | None = None, samples: int | None = None) -> int:
+    """Images per batched-simplex call: ``requested`` if > 0, else as many as fit ``budget`` bytes of host memory
+    while they are prepared (:func:`_prepared_bytes_per_image`) and, on a GPU (``device_free``: its free bytes),
+    half of the free device memory for their kernel copy and simplex state (:func:`_device_bytes_per_image`,
+    ``samples`` kept Fourier samples per image; default all within Nyquist); at least 1."""
     if requested > 0:
         return min(requested, max(n, 1))
-    return max(1, min(n, budget // _prepared_bytes_per_image(box)))
+    size = budget // _prepared_bytes_per_image(box)
+    if device_free is not None:
+        size = min(size, (device_free // 2) // _device_bytes_per_image(box, samples))
+    return max(1, min(n, size))
+
+
+def _device_bytes_per_image(box: int, samples: int | None = None) -> int:
+    """Device bytes per image of a batch: complex64 data and float32 CTF per kept sample (12 B; ``samples``, by
+    default about pi box^2 / 8, all within Nyquist of the M x M grid), the power, and the simplex of 6 vertices x 5
+    float64 with values, its reflections, expansions and shrinks and their (pose, owner, sums) kernel arguments
+    (about 2 KB)."""
+    s = int(np.pi * box * box / 8) if samples is None else int(samples)
+    return 12 * s + 2048
 
 
 def _prepared_bytes_per_image(box: int, image_pad: int = IMAGE_PAD) -> int:
@@ -476,6 +497,17 @@ def _prepared_bytes_per_image(box: int, image_pad: int = IMAGE_PAD) -> int:
     (about pi L^2 / 8 samples within Nyquist)."""
     side = image_pad * box
     return 16 * side * side + 24 * int(np.pi * side * side / 8)
+
+
+def device_memory_estimate_bytes(n: int, box: int, opts: RefineOptions, device_free: int) -> int:
+    """GPU memory a run needs at most: one half-set accumulator with its fixed-point scratch (complex128 and
+    float64 on the padded half grid, twice), the band-limited reference (at most the whole padded cube, complex64)
+    and one alignment batch (:func:`alignment_batch` with ``device_free``)."""
+    npad_box = opts.npad * box
+    accumulator = 2 * npad_box ** 2 * (npad_box // 2 + 1) * (16 + 8)
+    reference = (2 * box + 7) ** 2 * (box + 7) * 8
+    batch = alignment_batch(n, box, opts.batch, device_free=device_free) * _device_bytes_per_image(box)
+    return accumulator + reference + batch
 
 
 def memory_estimate_bytes(n: int, box: int, opts: RefineOptions) -> int:

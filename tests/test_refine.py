@@ -50,3 +50,17 @@ def test_half_sets_follow_random_subset(shared_data):
     np.testing.assert_array_equal(half, stack.meta["rlnRandomSubset"].astype(int) - 1)
     stack.meta.pop("rlnRandomSubset")
     np.testing.assert_array_equal(_half_sets(stack), np.arange(len(stack)) % 2)
+
+
+def test_alignment_batch_fits_host_and_device_memory():
+    from gpu_ali3d.refine import _device_bytes_per_image, _prepared_bytes_per_image, alignment_batch
+
+    host = alignment_batch(10**6, 64)
+    assert host == (1 << 30) // _prepared_bytes_per_image(64)
+    assert alignment_batch(100, 64) == 100 and alignment_batch(10**6, 64, 5000) == 5000
+    # a GPU with little free memory: half of it for the batch on the device
+    free = 64 << 20
+    small = alignment_batch(10**6, 64, device_free=free, samples=600)
+    assert small == (free // 2) // _device_bytes_per_image(64, 600) < host
+    assert alignment_batch(10**6, 64, device_free=80 << 30) == host          # a large GPU: the host limit rules
+    assert alignment_batch(10**6, 64, device_free=0) == 1
