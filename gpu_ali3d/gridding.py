@@ -36,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.fft
 from scipy.special import i0
 
 from .ctf import CTFParams, ctf_grid
@@ -183,7 +184,7 @@ def prepare_reference(volume: np.ndarray, *, pad: int = PAD, kb_width: int = KB_
     s = n // 2 - m // 2
     padded[s:s + m, s:s + m, s:s + m] = vol / (d[:, None, None] * d[None, :, None] * d[None, None, :])
     # ifftshift puts the map centre (N // 2) at index 0, the phase origin; fftshift centres the z and y axes.
-    half_cube = np.fft.fftshift(np.fft.rfftn(np.fft.ifftshift(padded)), axes=(0, 1))
+    half_cube = np.fft.fftshift(scipy.fft.rfftn(np.fft.ifftshift(padded), workers=-1), axes=(0, 1))
     taps = kb_width if interpolation == "kb" else 2
     return PreparedReference(data=_add_halo(half_cube, taps // 2), M=m, N=n, pad=int(pad), kb_width=int(kb_width),
                              kb_alpha=float(kb_alpha), interpolation=interpolation, halo=taps // 2)

@@ -358,7 +358,7 @@ def finish(acc: FourierAccumulator, *, weighting: bool | None = None) -> np.ndar
     if weighting:
         scale *= _neighbour_weights(weights)[filled]
     data[filled] *= scale
-    padded = np.fft.irfftn(data, s=(n_p, n_p, n_p), axes=(0, 1, 2))
+    padded = scipy.fft.irfftn(data, s=(n_p, n_p, n_p), axes=(0, 1, 2), workers=-1)
     index = (np.arange(m) - m // 2) % n_p
     vol = padded[np.ix_(index, index, index)]
     return _circumfnn(vol, acc.npad)
