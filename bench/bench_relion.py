@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     work = (a.work or ROOT / "bench" / "work" / f"relion_{a.n}").resolve()
     have_relion = shutil.which("relion_refine_mpi") is not None and shutil.which("mpirun") is not None
     dataset = a.dataset.resolve() if a.dataset else work / "dataset"
+    work.mkdir(parents=True, exist_ok=True)
     if not (dataset / "start.star").is_file():
         if a.dataset:
             print(f"{a.dataset}: no start.star there; give a make_dataset.py folder", file=sys.stderr)
@@ -68,7 +69,6 @@ def main(argv=None) -> int:
             print("skipped: making the RELION-simulated dataset needs RELION (relion_project; apt-get install relion "
                   f"openmpi-bin) and {tools / 'make_dataset.py'}; or give --dataset")
             return 0
-        work.mkdir(parents=True, exist_ok=True)
         _run([sys.executable, tools / "make_dataset.py", a.shared / "data" / "ribosome70S_65.mrc", dataset,
               "--n", a.n, "--seed", 1], log=work / "make_dataset.log")
 
