@@ -557,12 +557,17 @@ def _neighbour_weights(weights: np.ndarray) -> np.ndarray:
     # cx + i >= 0: look at (cx + i, cy + j, cz + j) for 0 <= cx + i < Np/2, the whole grid at once. For each j the
     # sum over i is a 7-tap correlation along x of the empty voxels shifted by (j, j) in (z, y) and masked, with
     # the Nyquist column cx + i = Np/2 and columns outside the grid (cx + i < 0, handled below) counting 0.
-    for j in offsets:
-        rolled = np.roll(empty, (-j, -j), axis=(0, 1))                      # rolled[z, y] = empty[z + j, y + j]
-        rolled *= _in_range(signed + j, lim)[:, :, None]
-        rolled[:, :, lim:] = 0.0
-        taps = [sum(a[top - abs(i) - abs(j) - abs(k)] for k in offsets) for i in offsets]
-        total += ndimage.correlate1d(rolled, taps, axis=2, mode="constant", cval=0.0)
+    # The x-correlation commutes with the (z, y) shift and mask, and its taps depend on |j| only: correlate once
+    # per |j|, then shift, mask and add for j and -j.
+    below_nyquist = empty.copy()
+    below_nyquist[:, :, lim:] = 0.0
+    for jabs in range(kc + 1):
+        taps = [sum(a[top - abs(i) - jabs - abs(k)] for k in offsets) for i in offsets]
+        correlated = ndimage.correlate1d(below_nyquist, taps, axis=2, mode="constant", cval=0.0)
+        for j in sorted({-jabs, jabs}):
+            shifted = np.roll(correlated, (-j, -j), axis=(0, 1))              # shifted[z, y] = correlated[z + j, y + j]
+            shifted *= _in_range(signed + j, lim)[:, :, None]
+            total += shifted
     for i in offsets:
         # cx + i < 0 (cx = 0 .. -i - 1): the source's in-place Friedel flip, with its sequential state per voxel
         for cx in range(0, min(half, -i)):
