@@ -138,7 +138,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
                                                 python=platform.python_version(), numpy=np.__version__),
-                                   args=vars(a), strong_scaling=scaling, comm_model=model), indent=1))
+                                   args={k: v for k, v in vars(a).items() if k != 'out'}, strong_scaling=scaling, comm_model=model), indent=1))
     print(f"\nwrote {out}")
 
 

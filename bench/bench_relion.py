@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         _run([sys.executable, tools / "make_dataset.py", a.shared / "data" / "ribosome70S_65.mrc", dataset,
               "--n", a.n, "--seed", 1], log=work / "make_dataset.log")
 
-    result = {"machine": machine_info(), "dataset": str(dataset), "iterations": a.iterations, "ours": {},
+    result = {"machine": machine_info(), "dataset": _shown(dataset), "iterations": a.iterations, "ours": {},
               "relion": None, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     result["machine"]["relion"] = _relion_version() if have_relion else None
     start = _score(tools, dataset, dataset / "start.star")
@@ -114,6 +114,16 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
     return 0
+
+
+def _shown(path: Path) -> str:
+    """A path as the report records it: relative to the repository (or its parent) when inside, else as given."""
+    for base, prefix in ((ROOT, ""), (ROOT.parent, "../")):
+        try:
+            return prefix + str(Path(path).resolve().relative_to(base))
+        except ValueError:
+            continue
+    return str(path)
 
 
 def _run(cmd, *, log: Path) -> None:

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(_format(row), flush=True)
     result = {"machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "map": str(MAP) if MAP.is_file() else "built-in phantom", "rows": rows}
+              "map": "../shared/data/" + MAP.name if MAP.is_file() else "built-in phantom", "rows": rows}
     out = a.out or ROOT / "bench" / "results" / f"scaling_{os.environ.get('BENCH_HOST') or socket.gethostname()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
