@@ -10,7 +10,7 @@ What it does, in one process so both sides see the same machine:
 
 1. Dataset. ``--dataset DIR``, or made with ``../shared/tools/make_dataset.py`` from
    ``../shared/data/ribosome70S_65.mrc`` (``--n`` particles, SNR 0.1, every start pose 4 degrees and 1.5 pixels
-   off; it needs RELION's ``relion_project``) into ``--work`` (default ``bench/work/relion_<n>``, git-ignored).
+   off; it needs RELION's ``relion_project``) into ``--work`` (default ``bench/runs/relion_<n>``, git-ignored).
    Without RELION and without a dataset the comparison cannot be made: the script says so and exits 0.
 2. Ours: ``gpu-ali3d refine start.star OUT --CTF --maxit 3 --interpolation I`` for each ``--interpolation``
    (default trilinear and kb), device auto (the CPU here). Time per iteration: the mean ``wall_s`` of the
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=2000, help="particles of a new dataset (default 2000)")
     ap.add_argument("--dataset", type=Path, help="an existing make_dataset.py folder (start.star, truth.star)")
-    ap.add_argument("--work", type=Path, help="where to make the dataset and the runs (default bench/work/relion_N)")
+    ap.add_argument("--work", type=Path, help="where to make the dataset and the runs (default bench/runs/relion_N)")
     ap.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help="the shared folder with tools/ and data/")
     ap.add_argument("--iterations", type=int, default=3, help="our iterations (default 3)")
     ap.add_argument("--interpolation", nargs="+", default=["trilinear", "kb"], choices=["trilinear", "kb"])
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     tools = a.shared / "tools"
-    work = (a.work or ROOT / "bench" / "work" / f"relion_{a.n}").resolve()
+    work = (a.work or ROOT / "bench" / "runs" / f"relion_{a.n}").resolve()
     have_relion = shutil.which("relion_refine_mpi") is not None and shutil.which("mpirun") is not None
     dataset = a.dataset.resolve() if a.dataset else work / "dataset"
     work.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ Run (from the repository root, in the project's environment)::
 Data: ``gpu-ali3d simulate`` (CTF, SNR 0.1, start poses 4 degrees and 1.5 pixels off) of the 70S ribosome map
 in ``../shared/data`` when it is there (cropped to 64^3 at 4 A/pixel; for box 128 the same map Fourier-
 interpolated to 128^3 at 2 A/pixel, so both boxes hold the same particle), else of the built-in phantom. Each
-stack is made once (seed 1) in ``--work`` (default ``bench/work/scaling``, git-ignored) and reused.
+stack is made once (seed 1) in ``--work`` (default ``bench/runs/scaling``, git-ignored) and reused.
 
 Each point is ``gpu-ali3d refine STACK OUT --CTF --maxit 2 --interpolation I`` in a fresh process (device auto:
 the CPU here). Seconds per iteration: the mean ``wall_s`` of the two alignment iterations in OUT/summary.json
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--boxes", type=int, nargs="+", default=[64, 128], choices=[64, 128])
     ap.add_argument("--interpolation", default="trilinear", choices=["trilinear", "kb"])
     ap.add_argument("--maxit", type=int, default=2)
-    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "scaling")
+    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "runs" / "scaling")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
