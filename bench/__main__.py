@@ -155,43 +155,22 @@ def _md_score(r: dict) -> list[str]:
 
 
 def _md_scaling(r: dict) -> list[str]:
-    out = [f"`gpu-ali3d refine --CTF --maxit 2` ({r['rows'][0]['interpolation'] if r['rows'] else ''}), mean of the "
-           f"alignment iterations; data simulated from {Path(r['map']).name}.", "",
-           "| box | particles | s / iteration | ms / particle | reconstruction s | alignment s | evaluations/s | "
-           "band (Fourier px) | peak memory MiB |", "| --: | --: | --: | --: | --: | --: | --: | --: | --: |"]
-    for x in r["rows"]:
-        out.append(f"| {x['box']} | {x['n']} | {x['seconds_per_iteration']:.1f} | "
-                   f"{1000 * x['seconds_per_iteration'] / x['n']:.2f} | {x['reconstruct_s']:.1f} | "
-                   f"{x['align_s']:.1f} | {x['evaluations_per_s']:.0f} | {x['kmax_fourier_px']:.1f} | "
-                   f"{x['peak_rss_MiB']:.0f} |")
-    return out
+    import bench_scaling
+
+    return [f"`gpu-ali3d refine --CTF --maxit 2` ({r['rows'][0]['interpolation'] if r['rows'] else ''}), mean of "
+            f"the alignment iterations; data simulated from {Path(r['map']).name}.", "",
+            bench_scaling.header()] + [bench_scaling.row_line(x) for x in r["rows"]]
 
 
 def _md_relion(r: dict) -> list[str]:
+    import bench_relion
+
     s0 = r["start"]
-    out = [f"RELION-simulated 70S ribosome particles ({Path(r['dataset']).name}), start "
-           f"{s0['angle_deg']['median']:.2f} deg / {s0['shift_px']['median']:.2f} px; median errors from "
-           "shared/tools/score.py (gauge removed), after 3 iterations.", "",
-           "| program | s / iteration | angle error (deg) | shift error (px) | converged (deg) |",
-           "| --- | --: | --: | --: | --: |"]
-    for interp, o in r["ours"].items():
-        out.append(f"| gpu-ali3d, {interp} | {o['mean_s']:.1f} | {o['score']['angle_deg']['median']:.3f} | "
-                   f"{o['score']['shift_px']['median']:.3f} | |")
-    rel = r.get("relion")
-    if rel:
-        it3 = rel["score_it"][max(rel["score_it"], key=int)]
-        out.append(f"| RELION 3.1 local auto-refine | {rel['mean_s_first']:.1f} | {it3['angle_deg']['median']:.3f} | "
-                   f"{it3['shift_px']['median']:.3f} | {rel['score_converged']['angle_deg']['median']:.3f} "
-                   f"({rel['iterations_to_converge']} iterations) |")
-        out.append("")
-        for interp, o in r["ours"].items():
-            speed = rel["mean_s_first"] / o["mean_s"]
-            acc = o["score"]["angle_deg"]["median"] / it3["angle_deg"]["median"]
-            out.append(f"- {interp}: {speed:.1f}x RELION's speed per iteration, {acc:.2f}x its error after 3 "
-                       "iterations (issue 5 targets: >= 5x, <= 0.85x).")
-    else:
-        out += ["", "RELION was not run."]
-    return out
+    if "speedup_vs_relion" not in next(iter(r["ours"].values()), {}):
+        bench_relion.add_ratios(r)
+    return [f"RELION-simulated 70S ribosome particles ({Path(r['dataset']).name}), start "
+            f"{s0['angle_deg']['median']:.2f} deg / {s0['shift_px']['median']:.2f} px; median errors from "
+            f"shared/tools/score.py (gauge removed), after {r['iterations']} iterations.", ""] + bench_relion.table(r)
 
 
 def _md_mpi(r: dict) -> list[str]:

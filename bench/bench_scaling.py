@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
     rows = []
-    print(_header(), flush=True)
+    print(header(), flush=True)
     for box in a.boxes:
         map_path = _map(a.work, box)
         for n in a.n:
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
             row = _refine(stack, a.work / f"run_{box}_{n}_{a.interpolation}", a.interpolation, a.maxit)
             row.update(box=box, n=n, interpolation=a.interpolation)
             rows.append(row)
-            print(_format(row), flush=True)
+            print(row_line(row), flush=True)
     result = {"machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "map": "../shared/data/" + MAP.name if MAP.is_file() else "built-in phantom", "rows": rows}
     out = a.out or ROOT / "bench" / "results" / f"scaling_{os.environ.get('BENCH_HOST') or socket.gethostname()}.json"
@@ -122,12 +122,12 @@ def _refine(stack: Path, out: Path, interpolation: str, maxit: int) -> dict:
             "kmax_fourier_px": mean("kmax_px") / 2, "total_s": total, "peak_rss_MiB": usage.ru_maxrss / 1024}
 
 
-def _header() -> str:
+def header() -> str:
     return ("| box | particles | s / iteration | ms / particle | reconstruction s | alignment s | evaluations/s | "
             "band (Fourier px) | peak memory MiB |\n| --: | --: | --: | --: | --: | --: | --: | --: | --: |")
 
 
-def _format(r: dict) -> str:
+def row_line(r: dict) -> str:
     return (f"| {r['box']} | {r['n']} | {r['seconds_per_iteration']:.1f} | "
             f"{1000 * r['seconds_per_iteration'] / r['n']:.2f} | {r['reconstruct_s']:.1f} | {r['align_s']:.1f} | "
             f"{r['evaluations_per_s']:.0f} | {r['kmax_fourier_px']:.1f} | {r['peak_rss_MiB']:.0f} |")

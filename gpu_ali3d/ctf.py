@@ -70,6 +70,15 @@ class CTFParams:
                    for f in fields(self))
 
 
+def check_ctf_arguments(ctf: "CTFParams | None", n: int, apix_A: float, what: str = "images") -> None:
+    """ValueError unless ctf is None or holds one entry per item (n ``what``) or one for all, and apix_A is a
+    positive pixel size in Angstrom: the arguments every function that applies a CTF takes."""
+    if ctf is not None and len(ctf) not in (1, n):
+        raise ValueError(f"ctf has {len(ctf)} entries for {n} {what}; give one per {what[:-1]} (or one for all)")
+    if not (np.isfinite(apix_A) and apix_A > 0):
+        raise ValueError(f"apix_A must be a positive pixel size in Angstrom; got {apix_A}")
+
+
 def wavelength_A(voltage_kV):
     """Relativistic electron wavelength in Angstrom for an accelerating voltage in kV (RELION's constants)."""
     v = np.asarray(voltage_kV, dtype=np.float64) * 1e3

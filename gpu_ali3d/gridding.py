@@ -39,7 +39,7 @@ import numpy as np
 import scipy.fft
 from scipy.special import i0
 
-from .ctf import CTFParams, ctf_grid
+from .ctf import CTFParams, check_ctf_arguments, ctf_grid
 from .geometry import as_poses, rotation_matrix
 
 #: SPARX prep_vol's gridding parameters.
@@ -267,10 +267,7 @@ def project_reference(ref: PreparedReference, poses, *, ctf: CTFParams | None = 
     cropped to the central M x M (SPARX ``depad``: first pixel N // 2 - M // 2).
     """
     p = as_poses(poses)
-    if ctf is not None and len(ctf) not in (1, len(p)):
-        raise ValueError(f"ctf has {len(ctf)} entries for {len(p)} poses; give one per pose (or one for all)")
-    if not (np.isfinite(apix_A) and apix_A > 0):
-        raise ValueError(f"apix_A must be a positive pixel size in Angstrom; got {apix_A}")
+    check_ctf_arguments(ctf, len(p), apix_A, "poses")
     n, m = ref.N, ref.M
     spectrum = central_section(ref, p, kmax)
     if ctf is not None:

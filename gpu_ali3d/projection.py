@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ctf import CTFParams, ctf_grid
+from .ctf import CTFParams, check_ctf_arguments, ctf_grid
 from .geometry import as_poses, rotation_matrix
 from .gridding import as_cube
 
@@ -61,10 +61,7 @@ def project(volume: np.ndarray, poses: np.ndarray, *, ctf: CTFParams | None = No
     m = vol.shape[0]
     poses = as_poses(poses)
     n = len(poses)
-    if ctf is not None and len(ctf) not in (1, n):
-        raise ValueError(f"ctf has {len(ctf)} entries for {n} poses; give one per pose (or one for all)")
-    if not (np.isfinite(apix_A) and apix_A > 0):
-        raise ValueError(f"apix_A must be a positive pixel size in Angstrom; got {apix_A}")
+    check_ctf_arguments(ctf, n, apix_A, "poses")
     if not (0 < oversampling_eps < 1):
         raise ValueError(f"oversampling_eps must be in (0, 1) (finufft tolerance); got {oversampling_eps}")
     out_dtype = np.float32 if vol.dtype.itemsize <= 4 else np.float64

@@ -57,7 +57,7 @@ import numpy as np
 import scipy.fft
 from scipy import ndimage
 
-from .ctf import CTFParams, ctf_grid
+from .ctf import CTFParams, check_ctf_arguments, ctf_grid
 from .geometry import as_poses, rotation_matrix
 from .kernels import _check_array
 from .symmetry import symmetry_rotations
@@ -161,10 +161,7 @@ def slice_transforms(images: np.ndarray, poses: np.ndarray, *, npad: int = 2, ct
     p = as_poses(poses, n)
     if not isinstance(npad, (int, np.integer)) or npad < 1 or (m * npad) % 2:
         raise ValueError(f"npad={npad!r} must be an integer >= 1 with npad * M even (M={m}); SPARX uses 2")
-    if ctf is not None and len(ctf) not in (1, n):
-        raise ValueError(f"ctf has {len(ctf)} entries for {n} images; give one per image (or one for all)")
-    if not (np.isfinite(apix_A) and apix_A > 0):
-        raise ValueError(f"apix_A must be a positive pixel size in Angstrom; got {apix_A}")
+    check_ctf_arguments(ctf, n, apix_A)
     n_p = m * npad
     c = m // 2
 
@@ -417,8 +414,7 @@ def _accumulate(images, poses, which: np.ndarray, *, ctf, apix_A, snr, sym, npad
     if images.ndim != 3 or images.shape[1] != images.shape[2]:
         raise ValueError(f"images must be square, shape (n, M, M); got {images.shape}")
     poses = as_poses(poses, len(images))
-    if ctf is not None and len(ctf) not in (1, len(images)):
-        raise ValueError(f"ctf has {len(ctf)} entries for {len(images)} images; give one per image (or one for all)")
+    check_ctf_arguments(ctf, len(images), apix_A)
     if not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise ValueError(f"chunk={chunk!r} must be a positive number of images")
     acc = new_accumulator(images.shape[1], npad=npad, sym=sym, snr=snr)

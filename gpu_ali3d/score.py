@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.fft
 
-from .ctf import CTFParams, evaluate
+from .ctf import CTFParams, check_ctf_arguments, evaluate
 from .geometry import as_poses, rotation_matrix
 from .gridding import PAD, PreparedReference, sample_reference, section_grid
 
@@ -147,10 +147,7 @@ def prepare_images(images, ou: float, *, ctf: CTFParams | None = None, apix_A: f
                          f"use 0 < ou <= {m // 2 - 0.5 * edge_px:g}")
     if not isinstance(pad, (int, np.integer)) or pad < 1 or (pad * m) % 2:
         raise ValueError(f"pad={pad!r}: need a positive integer with N = pad * M even; use pad=2")
-    if ctf is not None and len(ctf) not in (1, n_img):
-        raise ValueError(f"ctf has {len(ctf)} entries for {n_img} images; give one per image (or one for all)")
-    if not (np.isfinite(apix_A) and apix_A > 0):
-        raise ValueError(f"apix_A must be a positive pixel size in Angstrom; got {apix_A}")
+    check_ctf_arguments(ctf, n_img, apix_A)
     n = pad * m
     image_pad = pad if image_pad is None else image_pad
     if not isinstance(image_pad, (int, np.integer)) or image_pad < 1 or pad % image_pad:
