@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -99,10 +101,11 @@ def local_ali3d(stack, outdir, maskfile=None, *, options: RefineOptions | None =
         if not isinstance(stack, ParticleStack):
             source_path = Path(stack).resolve()
             stack = read_stack(source_path)
-        if opts.write_headers and source_path is None:
-            raise ValueError("write_headers needs a stack given as a file path")
+        if opts.write_headers:
+            _check_headers_writable(source_path)
         setup = _setup(stack, opts, maskfile)
-        parallel.on_root(comm, lambda: _create_outdir(outdir, opts, source_path, maskfile))
+        parallel.on_root(comm, lambda: _create_outdir(outdir, opts, source_path, maskfile,
+                                                      stack.poses if opts.write_headers else None))
         state = _State(poses=stack.poses.copy())
         return _with_log(outdir, lambda: _run(stack, source_path, outdir, opts, setup, state, progress, comm=comm),
                          comm)
@@ -138,6 +141,8 @@ def continue_local_ali3d(outdir, *, progress: bool = True) -> RefineResult:
 
 # ----------------------------------------------------------------------------------------------------- driver
 CHECKPOINT = "checkpoint.npz"
+#: With --write-headers: the input's poses before the run (written when outdir is made, never replaced).
+PREVIOUS_POSES = "previous_poses.txt"
 
 
 @dataclass
@@ -201,9 +206,30 @@ def _check_new_outdir(outdir: Path) -> None:
                               "(or resume it with --continue)")
 
 
-def _create_outdir(outdir: Path, opts: RefineOptions, source_path, maskfile) -> None:
+def _create_outdir(outdir: Path, opts: RefineOptions, source_path, maskfile, original_poses=None) -> None:
+    """Make outdir with job.json; with --write-headers (original_poses given) also previous_poses.txt, the input's
+    poses as they were before anything ran. It is written once, here, and never again: a run killed after the
+    input was replaced and then resumed (which reads the replaced input) cannot overwrite it."""
     outdir.mkdir(parents=True)
+    if original_poses is not None:
+        _write_params(outdir / PREVIOUS_POSES, original_poses, overwrite=False)
     _save_job(outdir, opts, source_path, maskfile)
+
+
+def _check_headers_writable(source_path) -> None:
+    """--write-headers replaces the input by a new file renamed over it: refuse at the start, not after the whole
+    refinement, when the input is not a file or its folder cannot take the new file."""
+    if source_path is None:
+        raise ValueError("write_headers needs a stack given as a file path")
+    folder = Path(source_path).parent
+    try:                        # a real write (os.access says yes to root on a read-only file system)
+        fd, probe = tempfile.mkstemp(prefix=".gpu-ali3d-write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise PermissionError(f"{source_path}: --write-headers cannot replace it: its folder {folder} does not "
+                              f"take new files ({exc.strerror}); copy the input somewhere writable, or leave out "
+                              "--write-headers") from None
 
 
 def _load_job(outdir: Path) -> dict:
@@ -333,11 +359,15 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
 
 
 def _write_headers(source_path: Path, original: ParticleStack, refined: ParticleStack, outdir: Path) -> None:
-    """--write-headers: keep the input's poses in outdir, then replace the input by a new file with the refined
-    poses (written beside it and renamed over it: the input is whole at every moment)."""
-    _write_params(outdir / "previous_poses.txt", original.poses, overwrite=True)
+    """--write-headers: replace the input by a new file with the refined poses (written beside it and renamed over
+    it: the input is whole at every moment). The input's original poses were saved in outdir/previous_poses.txt
+    when outdir was made (:func:`_create_outdir`); an output directory from before that has them written now,
+    from ``original``, only if the file is missing."""
+    previous = outdir / PREVIOUS_POSES
+    if not previous.is_file():
+        _write_params(previous, original.poses, overwrite=False)
     write_stack(refined, source_path, overwrite=True)
-    _say(f"wrote the refined poses into {source_path} (previous poses: {outdir / 'previous_poses.txt'})")
+    _say(f"wrote the refined poses into {source_path} (previous poses: {previous})")
 
 
 def _reference(images, poses, half, ctf, apix, mask, opts, user_function, backend, outdir, iteration, ic, *,

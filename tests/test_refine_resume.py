@@ -108,3 +108,82 @@ def test_poses_do_not_depend_on_the_alignment_batch(dataset, tmp_path):
     whole = local_ali3d(str(dataset), tmp_path / "auto", **common).poses
     small = local_ali3d(str(dataset), tmp_path / "by7", batch=7, **common).poses
     np.testing.assert_array_equal(small, whole)
+
+
+# A refine run in a child process whose write_stack kills the process (SIGKILL: no clean-up, no finally) or raises
+# KeyboardInterrupt (Ctrl-C) just before or just after it replaces the input: the exact points where
+# --write-headers could lose the input's poses.
+_KILLING_RUN = """
+import os, signal, sys
+from pathlib import Path
+import gpu_ali3d.refine as refine
+from gpu_ali3d.cli import main
+
+source, when, how = Path(sys.argv[1]).resolve(), sys.argv[2], sys.argv[3]
+real = refine.write_stack
+
+def stop():
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise KeyboardInterrupt
+
+def write_stack(stack, path, **kw):
+    is_input = Path(path).resolve() == source
+    if is_input and when == "before":
+        stop()
+    real(stack, path, **kw)
+    if is_input and when == "after":
+        stop()
+
+refine.write_stack = write_stack
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+@pytest.mark.parametrize("when, how", [("before", "kill"), ("after", "kill"), ("after", "interrupt")])
+def test_write_headers_interrupted_never_loses_the_original_poses(dataset, tmp_path, when, how, capsys):
+    src = tmp_path / "input.star"
+    write_stack(read_stack(dataset), src)
+    original = read_stack(src).poses
+    out = tmp_path / "out"
+    args = ["refine", str(src), str(out), "--maxit", "1", "--CTF", "--interpolation", "trilinear",
+            "--write-headers"]
+    proc = subprocess.run([sys.executable, "-c", _KILLING_RUN, str(src), when, how, *args],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    if how == "kill":
+        assert proc.returncode == -signal.SIGKILL
+    replaced = not np.allclose(read_stack(src).poses, original, atol=1e-5)
+    assert replaced == (when == "after")
+    np.testing.assert_allclose(np.loadtxt(out / "previous_poses.txt"), original, atol=1e-5)
+
+    capsys.readouterr()
+    assert main(["refine", "--continue", str(out)]) == 0          # finishes the job: the input is replaced once
+    refined = read_stack(out / "particles.star").poses
+    np.testing.assert_allclose(read_stack(src).poses, refined, atol=1e-5)
+    np.testing.assert_allclose(np.loadtxt(out / "previous_poses.txt"), original, atol=1e-5)
+    # and the result is the uninterrupted run's
+    whole = local_ali3d(str(dataset), tmp_path / "whole", maxit=1, CTF=True, interpolation="trilinear",
+                        progress=False).poses
+    np.testing.assert_allclose(refined, whole, atol=1e-5)
+
+
+def test_write_headers_refuses_an_input_in_a_read_only_folder_before_any_work(dataset, tmp_path, capsys,
+                                                                            monkeypatch):
+    src = tmp_path / "input.star"
+    write_stack(read_stack(dataset), src)
+    text = src.read_text()
+    import tempfile
+
+    def read_only(*args, dir=None, **kw):         # what a read-only file system answers (also to root)
+        if Path(dir) == tmp_path:
+            raise OSError(30, "Read-only file system")
+        return real(*args, dir=dir, **kw)
+
+    real = tempfile.mkstemp
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    assert main(["refine", str(src), str(tmp_path / "out"), "--maxit", "1", "--write-headers"]) == 2
+    err = capsys.readouterr().err
+    assert "--write-headers" in err and str(tmp_path) in err and "Read-only" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and src.read_text() == text
