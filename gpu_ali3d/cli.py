@@ -20,6 +20,11 @@ USER_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, IsADir
                NotImplementedError)
 
 
+
+def _snr_value(text: str) -> float | None:
+    """--snr: a positive number, or 'auto' (None: Wiener terms from the half sets' FSC)."""
+    return None if text.strip().lower() == "auto" else float(text)
+
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
@@ -197,10 +202,13 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--center", type=int, default=d.center, choices=(-1, 0, 1),
                    help="-1 centre the data, 1 centre the reference, 0 none")
     r.add_argument("--CTF", action="store_true", default=d.CTF, help="use the CTF parameters of the particles")
-    r.add_argument("--snr", type=float, default=d.snr, help="SNR of the reconstruction")
+    r.add_argument("--snr", type=_snr_value, default=d.snr,
+                   help="SNR of the reconstruction (SPARX's constant), or 'auto': per shell from the half sets' FSC")
     r.add_argument("--sym", default=d.sym, help="point group: c1, cN, dN, tet, oct, icos")
     r.add_argument("--function", default=d.function, help="reference preparation: ref_ali3d or module:callable")
     r.add_argument("--npad", type=int, default=d.npad, help="padding factor of the reconstruction")
+    r.add_argument("--insertion", default=d.insertion, choices=("trilinear", "nn4"),
+                   help="back-projection: trilinear (RELION-like, CTF on the image's own grid) or nn4 (SPARX)")
     r.add_argument("--Fourvar", "--fourvar", dest="fourvar", action="store_true", default=d.fourvar,
                    help="Fourier variance normalisation (SPARX compatibility)")
     r.add_argument("--debug", action="store_true", default=d.debug, help="per-image details; tracebacks on errors")

@@ -212,16 +212,17 @@ def reduce_accumulator(acc, comm, root: int = 0):
 
     data = reduce_sum_f64(acc.data, comm, root)
     weights = reduce_sum_f64(acc.weights, comm, root)
-    info = comm.gather((acc.ctf, acc.n_images, acc.M, acc.npad, acc.sym, acc.snr), root=root)
+    info = comm.gather((acc.ctf, acc.n_images, acc.M, acc.npad, acc.sym, acc.snr, acc.insertion), root=root)
     if comm.rank != root:
         return None
     if len({i[2:] for i in info}) != 1:
-        raise ValueError(f"accumulators of the ranks differ in (M, npad, sym, snr): {sorted({i[2:] for i in info})}")
+        raise ValueError("accumulators of the ranks differ in (M, npad, sym, snr, insertion): "
+                         f"{sorted({i[2:] for i in info})}")
     flags = {i[0] for i in info} - {None}
     if len(flags) > 1:
         raise ValueError("some ranks inserted CTF-weighted images and others images without CTF")
     return FourierAccumulator(data, weights, acc.M, acc.npad, acc.sym, acc.snr, flags.pop() if flags else None,
-                              sum(i[1] for i in info))
+                              sum(i[1] for i in info), acc.insertion)
 
 
 class CollectiveError(Exception):

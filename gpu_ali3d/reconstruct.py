@@ -62,6 +62,9 @@ from .geometry import as_poses, rotation_matrix
 from .kernels import _check_array
 from .symmetry import symmetry_rotations
 
+#: The insertions (FourierAccumulator.insertion): SPARX's nearest neighbour on padded transforms, and trilinear
+#: spreading of the images' own transforms.
+INSERTIONS = ("trilinear", "nn4")
 #: Side of the neighbour box of nn4_ctf's weighting correction, and the growth rate of its weights.
 _WEIGHT_BOX = 7
 _WEIGHT_RATE = 0.2
@@ -81,6 +84,9 @@ class FourierAccumulator:
     ctf : True once CTF-weighted images were inserted, False once images without CTF were, None while empty;
         it picks nn4_ctf's or nn4's finish.
     n_images : number of images inserted (each counted once, whatever the symmetry).
+    insertion : "nn4" (SPARX: the padded image transforms, CTF on the padded grid, nearest voxel) or "trilinear"
+        (the images' own M x M transforms with the CTF on that grid, spread over 8 voxels at npad times their
+        frequency: :func:`insert_transforms_trilinear`); it also picks the finish's deapodisation.
 
     Accumulators with the same (M, npad, sym, snr) add exactly (:func:`add`): the MPI reduction is a plain sum of
     ``data`` and ``weights``.
@@ -94,14 +100,19 @@ class FourierAccumulator:
     snr: float | None
     ctf: bool | None = None
     n_images: int = 0
+    insertion: str = "nn4"
 
     @property
     def Np(self) -> int:
         return self.M * self.npad
 
 
-def new_accumulator(M: int, *, npad: int = 2, sym: str = "c1", snr: float | None = 1.0) -> FourierAccumulator:
-    """An empty accumulator for M^3 maps (FourierAccumulator for the layout). Raises ValueError for bad values."""
+def new_accumulator(M: int, *, npad: int = 2, sym: str = "c1", snr: float | None = 1.0,
+                    insertion: str = "nn4") -> FourierAccumulator:
+    """An empty accumulator for M^3 maps (FourierAccumulator for the layout and ``insertion``). Raises ValueError
+    for bad values."""
+    if insertion not in INSERTIONS:
+        raise ValueError(f"insertion={insertion!r}; expected one of {INSERTIONS}")
     if not isinstance(M, (int, np.integer)) or M < 2:
         raise ValueError(f"M={M!r} must be an integer box size >= 2 pixels")
     if not isinstance(npad, (int, np.integer)) or npad < 1:
@@ -114,7 +125,7 @@ def new_accumulator(M: int, *, npad: int = 2, sym: str = "c1", snr: float | None
     n_p = int(M) * int(npad)
     shape = (n_p, n_p, n_p // 2 + 1)
     return FourierAccumulator(np.zeros(shape, np.complex128), np.zeros(shape, np.float64), int(M), int(npad),
-                              str(sym), None if snr is None else float(snr))
+                              str(sym), None if snr is None else float(snr), insertion=insertion)
 
 
 def insert(acc: FourierAccumulator, images: np.ndarray, poses: np.ndarray, *, ctf: CTFParams | None = None,
@@ -133,10 +144,12 @@ def insert(acc: FourierAccumulator, images: np.ndarray, poses: np.ndarray, *, ct
     images = np.asarray(images)
     if images.ndim != 3 or images.shape[1:] != (acc.M, acc.M):
         raise ValueError(f"images have shape {images.shape}; this accumulator takes (n, {acc.M}, {acc.M})")
-    transforms, weights = slice_transforms(images, poses, npad=acc.npad, ctf=ctf, apix_A=apix_A,
-                                           single=backend is not None)
+    trilinear = acc.insertion == "trilinear"
+    transforms, weights = slice_transforms(images, poses, npad=1 if trilinear else acc.npad, ctf=ctf,
+                                           apix_A=apix_A, single=backend is not None)
     if backend is None:
-        insert_transforms(acc, transforms, weights, poses, ctf=ctf is not None)
+        (insert_transforms_trilinear if trilinear else insert_transforms)(acc, transforms, weights, poses,
+                                                                          ctf=ctf is not None)
     else:
         insert_transforms_kernel(acc, transforms, weights, poses, ctf=ctf is not None, backend=backend,
                                  deterministic=deterministic, scratch=scratch)
@@ -159,7 +172,7 @@ def slice_transforms(images: np.ndarray, poses: np.ndarray, *, npad: int = 2, ct
         raise TypeError(f"images must be a real array; got dtype {imgs.dtype}")
     n, m = imgs.shape[0], imgs.shape[1]
     p = as_poses(poses, n)
-    if not isinstance(npad, (int, np.integer)) or npad < 1 or (m * npad) % 2:
+    if not isinstance(npad, (int, np.integer)) or npad < 1 or (npad > 1 and (m * npad) % 2):
         raise ValueError(f"npad={npad!r} must be an integer >= 1 with npad * M even (M={m}); SPARX uses 2")
     check_ctf_arguments(ctf, n, apix_A)
     n_p = m * npad
@@ -230,9 +243,54 @@ def insert_transforms(acc: FourierAccumulator, transforms: np.ndarray, weights: 
         acc.weights += counts.reshape(shape)
 
 
+def insert_transforms_trilinear(acc: FourierAccumulator, transforms: np.ndarray, weights: np.ndarray | None,
+                                poses: np.ndarray, *, ctf: bool) -> None:
+    """Scatter the images' own transforms into ``acc`` by trilinear spreading, in place (acc.insertion "trilinear").
+
+    transforms : complex (n, M, M // 2 + 1), weights : (n or 1, M, M // 2 + 1) CTF^2 or None: :func:`slice_transforms`
+    with npad = 1, so the CTF is evaluated where the image was measured (on its own Fourier grid; a zero-padded
+    image's in-between samples are interpolations of CTF x projection, which an analytic CTF evaluated there does
+    not follow when the CTF oscillates faster than the grid). poses : (n, 5) (angles only).
+    Each kept sample k (:func:`_kept_samples` of M) of each image and symmetry mate goes to q = npad (R S).T k
+    (padded-grid units), Friedel-flipped to q_x >= 0 as in :func:`insert_transforms`, and adds t * value and
+    t * weight to the 8 voxels i = floor(q) + (0 or 1 per axis), t = prod_a (1 - |q_a - i_a|).
+    """
+    n_p, m = acc.Np, acc.M
+    half = n_p // 2 + 1
+    n, p = _check_slices(acc, transforms, weights, poses, ctf)
+    acc.ctf = ctf
+    acc.n_images += n
+    if n == 0:
+        return
+    keep, kx, ky = _kept_samples(m)
+    kx_s, ky_s = kx[keep].astype(np.float64), ky[keep].astype(np.float64)
+    values = transforms[:, keep]
+    w = np.ones(values.shape) if weights is None else np.broadcast_to(weights[:, keep], values.shape)
+    rot = rotation_matrix(p[:, 0], p[:, 1], p[:, 2])
+    shape, size = acc.data.shape, acc.data.size
+    scale = float(acc.npad)
+    for op in symmetry_rotations(acc.sym):
+        mate = rot @ op
+        qx, qy, qz = ((mate[:, 0, a, None] * kx_s + mate[:, 1, a, None] * ky_s) * scale for a in range(3))
+        sign = np.where(qx < 0.0, -1.0, 1.0)
+        qx, qy, qz = sign * qx, sign * qy, sign * qz
+        re, im = values.real, sign * values.imag
+        x0, y0, z0 = (np.floor(q).astype(np.intp) for q in (qx, qy, qz))
+        fx, fy, fz = qx - x0, qy - y0, qz - z0
+        for dx in (0, 1):
+            for dy in (0, 1):
+                for dz in (0, 1):
+                    t = ((fx if dx else 1.0 - fx) * (fy if dy else 1.0 - fy)) * (fz if dz else 1.0 - fz)
+                    flat = ((((z0 + dz) % n_p) * n_p + (y0 + dy) % n_p) * half + x0 + dx).ravel()
+                    acc.data.real[...] += np.bincount(flat, (t * re).ravel(), size).reshape(shape)
+                    acc.data.imag[...] += np.bincount(flat, (t * im).ravel(), size).reshape(shape)
+                    acc.weights += np.bincount(flat, (t * w).ravel(), size).reshape(shape)
+
+
 def insert_transforms_kernel(acc: FourierAccumulator, transforms, weights, poses: np.ndarray, *, ctf: bool,
                              backend, deterministic: bool = True, scratch=None) -> None:
-    """:func:`insert_transforms` through kernels/insert.cu, in place: the same voxels, the same sums to float rounding.
+    """:func:`insert_transforms` (or :func:`insert_transforms_trilinear`, by ``acc.insertion``) through
+    kernels/insert.cu, in place: the same voxels, the same sums to float rounding.
 
     transforms, weights, poses, ctf : as :func:`insert_transforms` (numpy or backend arrays); the transforms are
     converted to complex64 and the weights to float32 (the kernel's input precision; sums are float64).
@@ -248,12 +306,13 @@ def insert_transforms_kernel(acc: FourierAccumulator, transforms, weights, poses
     ops = symmetry_rotations(acc.sym)
     rot = rotation_matrix(p[:, 0], p[:, 1], p[:, 2])                            # (n, 3, 3)
     mates = np.stack([rot @ op for op in ops], axis=1)                          # (n, k, 3, 3): R @ S, as the reference
-    keep, _, _ = _kept_samples(acc.Np)
+    trilinear = acc.insertion == "trilinear"
+    keep, _, _ = _kept_samples(acc.M if trilinear else acc.Np)
     samples = np.flatnonzero(keep).astype(np.int32)
     insert_sums(backend, xp.ascontiguousarray(xp.asarray(transforms, dtype=np.complex64)),
                 None if weights is None else xp.ascontiguousarray(xp.asarray(weights, dtype=np.float32)),
                 xp.asarray(mates), xp.asarray(samples), acc.data, acc.weights, deterministic=deterministic,
-                scratch=scratch)
+                scratch=scratch, trilinear=trilinear)
 
 
 def new_scratch(backend, n_p: int):
@@ -263,14 +322,17 @@ def new_scratch(backend, n_p: int):
 
 
 def insert_sums(backend, transforms, weights, mates, samples, data, wsum, *, deterministic: bool = True,
-                scratch=None) -> None:
+                scratch=None, trilinear: bool = False) -> None:
     """Launch kernels/insert.cu: add every kept sample of every image at every symmetry mate to ``data``/``wsum``.
 
-    transforms : complex64 (n, Np, Np // 2 + 1), C-contiguous backend array (:func:`slice_transforms` layout).
-    weights : float32 (n or 1, Np, Np // 2 + 1) CTF^2, or None (weight 1). mates : float64 (n, k, 3, 3), R @ S per
-    image and symmetry operator. samples : int32 (S,), flat indices of the kept half-plane samples
+    transforms : complex64 (n, L, L // 2 + 1), C-contiguous backend array (:func:`slice_transforms` layout); L = Np
+    for nearest neighbour, L = M (npad = 1 transforms) with ``trilinear``, where L must divide Np.
+    weights : float32 (n or 1, L, L // 2 + 1) CTF^2, or None (weight 1). mates : float64 (n, k, 3, 3), R @ S per
+    image and symmetry operator. samples : int32 (S,), flat indices of the kept half-plane samples of an L plane
     (:func:`_kept_samples`). data : complex128 (Np, Np, Np // 2 + 1), wsum : float64, same shape
     (:class:`FourierAccumulator` layout), added to in place.
+    trilinear : spread each sample at (Np / L) (R S).T k over its 8 voxels (:func:`insert_transforms_trilinear`);
+        False: the nearest voxel (:func:`insert_transforms`, L = Np).
     deterministic : True: fixed-point sums, exact in float64 and so independent of the order of the additions
         (bitwise repeatable on any number of threads, CPU or GPU; kernels/insert.cu explains the scales); it costs a
         zeroed scratch grid of the accumulator's size and one pass over it. False: float64 atomics straight into the
@@ -286,32 +348,39 @@ def insert_sums(backend, transforms, weights, mates, samples, data, wsum, *, det
     _check_array("wsum", wsum, np.float64, (n_p, n_p, half), xp)
     if n_p < 2 or n_p % 2:
         raise ValueError(f"the padded grid side Np={n_p} must be even and >= 2")
-    _check_array("transforms", transforms, np.complex64, (n, n_p, half), xp)
+    side = transforms.shape[1] if (trilinear and getattr(transforms, "ndim", 0) == 3) else n_p
+    if side < 2 or n_p % side:
+        raise ValueError(f"trilinear insertion of {side}-pixel planes into an Np={n_p} grid: the planes' side must "
+                         "divide Np")
+    plane = (side, side // 2 + 1)
+    _check_array("transforms", transforms, np.complex64, (n,) + plane, xp)
     n_w = weights.shape[0] if getattr(weights, "ndim", 0) == 3 else -1
     if weights is not None:
-        _check_array("weights", weights, np.float32, (n_w if n_w in (1, n) else n, n_p, half), xp)
+        _check_array("weights", weights, np.float32, (n_w if n_w in (1, n) else n,) + plane, xp)
     k = mates.shape[1] if getattr(mates, "ndim", 0) == 4 else -1
     _check_array("mates", mates, np.float64, (n, k, 3, 3), xp)
     s = samples.shape[0] if getattr(samples, "ndim", 0) == 1 else -1
     _check_array("samples", samples, np.int32, (s,), xp)
-    if s and (int(samples.min()) < 0 or int(samples.max()) >= n_p * half):
-        raise ValueError(f"samples must index one ({n_p}, {half}) plane; got {int(samples.min())}..{int(samples.max())}")
+    if s and (int(samples.min()) < 0 or int(samples.max()) >= plane[0] * plane[1]):
+        raise ValueError(f"samples must index one {plane} plane; got {int(samples.min())}..{int(samples.max())}")
     if n == 0 or k == 0 or s == 0:
         return
     has_w = weights is not None
     w_arg = weights if has_w else xp.zeros(1, np.float32)                     # not read when has_weights = 0
-    w_stride = 0 if (not has_w or n_w == 1) else n_p * half
+    w_stride = 0 if (not has_w or n_w == 1) else plane[0] * plane[1]
 
     def launch(out_data, out_w, scale_v, scale_w, mode):
         backend.kernels.launch("insert", "insert", n * k, [
-            transforms, np.int64(n), np.int32(n_p), samples, np.int32(s), w_arg, np.int64(w_stride), np.int32(has_w),
-            mates, np.int32(k), out_data, out_w, scale_v, scale_w, np.int32(mode)])
+            transforms, np.int64(n), np.int32(side), np.int32(n_p), np.float64(n_p // side), samples, np.int32(s),
+            w_arg, np.int64(w_stride), np.int32(has_w), mates, np.int32(k), out_data, out_w, scale_v, scale_w,
+            np.int32(mode), np.int32(trilinear)])
 
     if not deterministic:
         unused = xp.ones(1, np.float64)
         launch(data, wsum, unused, unused, 0)
         return
-    scale_v, scale_w = _shell_scales(xp, transforms, weights, samples, n_p, k)
+    scale_v, scale_w = _shell_scales(xp, transforms, weights, samples, n_p, k, side=side,
+                                     reach=2 if trilinear else 1)
     if scratch is None:
         scratch, scratch_w = new_scratch(backend, n_p)
     else:
@@ -325,7 +394,7 @@ def insert_sums(backend, transforms, weights, mates, samples, data, wsum, *, det
 
 def add(acc_a: FourierAccumulator, acc_b: FourierAccumulator) -> FourierAccumulator:
     """A new accumulator holding the sum of two (half sets, MPI ranks). They must share M, npad, sym and snr."""
-    for name in ("M", "npad", "sym", "snr"):
+    for name in ("M", "npad", "sym", "snr", "insertion"):
         if getattr(acc_a, name) != getattr(acc_b, name):
             raise ValueError(f"cannot add accumulators with different {name}: "
                              f"{getattr(acc_a, name)!r} and {getattr(acc_b, name)!r}")
@@ -333,24 +402,35 @@ def add(acc_a: FourierAccumulator, acc_b: FourierAccumulator) -> FourierAccumula
         raise ValueError("cannot add an accumulator of CTF-weighted images to one without CTF")
     return FourierAccumulator(acc_a.data + acc_b.data, acc_a.weights + acc_b.weights, acc_a.M, acc_a.npad,
                               acc_a.sym, acc_a.snr, acc_a.ctf if acc_a.ctf is not None else acc_b.ctf,
-                              acc_a.n_images + acc_b.n_images)
+                              acc_a.n_images + acc_b.n_images, acc_a.insertion)
 
 
-def finish(acc: FourierAccumulator, *, weighting: bool | None = None) -> np.ndarray:
+def finish(acc: FourierAccumulator, *, weighting: bool | None = None,
+           regularisation: np.ndarray | None = None) -> np.ndarray:
     """The real-space map from an accumulator (module docstring, finish steps 1-5); ``acc`` is not changed.
 
     weighting : nn4_ctf's neighbour-count correction; None (default) does as SPARX: on for CTF-weighted data
-        (nn4_ctf), off otherwise (nn4).
+        inserted by nearest neighbour (nn4_ctf), off otherwise (nn4, and trilinear insertion).
+    regularisation : None adds SPARX's constant 1 / snr to the weights (``acc.snr``; for trilinear insertion
+        1 / (snr npad^2), as its weights per voxel are about 1 / npad^2 of nn4's: each of the image's M^2 samples
+        spreads a total weight of 1, where nn4 inserts (npad M)^2); or float64 (n_shells,) per-shell terms added to
+        the weights of the voxels with floor(|i|) = shell (:func:`wiener_regularisation`).
+    Trilinear insertion is deapodised by dividing the map by sinc^2(pi d / Np) along each axis (the transform of the
+    spreading kernel; d voxels from the centre), then centred and masked as ``circumfnn`` does.
     Returns float64 (M, M, M), numpy order (z, y, x), centre voxel M // 2, zero outside radius M // 2.
     """
+    trilinear = acc.insertion == "trilinear"
     if weighting is None:
-        weighting = bool(acc.ctf)
+        weighting = bool(acc.ctf) and not trilinear
     n_p, m = acc.Np, acc.M
     data = acc.data.copy()
     weights = acc.weights.copy()
     _symplane0(data, weights)
     filled = weights > 0
-    osnr = 0.0 if acc.snr is None else 1.0 / acc.snr
+    if regularisation is None:
+        osnr = 0.0 if acc.snr is None else 1.0 / acc.snr / (acc.npad ** 2 if trilinear else 1)
+    else:
+        osnr = np.asarray(regularisation, np.float64)[_voxel_shells(n_p)[filled]]
     scale = 1.0 / (weights[filled] + osnr)
     if weighting:
         scale *= _neighbour_weights(weights)[filled]
@@ -358,12 +438,50 @@ def finish(acc: FourierAccumulator, *, weighting: bool | None = None) -> np.ndar
     padded = scipy.fft.irfftn(data, s=(n_p, n_p, n_p), axes=(0, 1, 2), workers=-1)
     index = (np.arange(m) - m // 2) % n_p
     vol = padded[np.ix_(index, index, index)]
+    if trilinear:
+        d = np.abs(np.arange(m) - m // 2) * (np.pi / n_p)
+        sinc2 = np.where(d > 0, np.sin(d) / np.where(d > 0, d, 1.0), 1.0) ** 2
+        vol = vol / (sinc2[:, None, None] * sinc2[None, :, None] * sinc2[None, None, :])
+        return _circumfnn(vol, acc.npad, deapodise=False)
     return _circumfnn(vol, acc.npad)
+
+
+def wiener_regularisation(acc_a: FourierAccumulator, acc_b: FourierAccumulator, *,
+                          fsc_range: tuple[float, float] = (1e-3, 0.999999)) -> np.ndarray:
+    """Per-shell Wiener terms from the data: what :func:`finish` adds to the weights instead of SPARX's 1 / snr.
+
+    acc_a, acc_b : the two half-set accumulators (same M, npad, sym, insertion). In each shell sh = floor(|i|) of
+    the padded grid, the FSC of the two unregularised half transforms (data / weights, over the voxels filled in
+    both) gives the half maps' SSNR = FSC / (1 - FSC), and the term is mean(half weights) / SSNR: the Wiener
+    estimate sum CTF X / (sum CTF^2 + sigma^2 / |V|^2) with sigma^2 / |V|^2 = mean weight / SSNR. The same term
+    suits the full map (its weights and its SSNR are both twice a half map's). The FSC is clipped to ``fsc_range``,
+    so a shell without signal is damped hard but finitely, and nearly noise-free data are hardly regularised (the
+    role of RELION's tau^2). Returns float64 (n_shells,), the shells of :func:`_voxel_shells`.
+    """
+    for name in ("M", "npad", "sym", "insertion"):
+        if getattr(acc_a, name) != getattr(acc_b, name):
+            raise ValueError(f"half-set accumulators with different {name}: {getattr(acc_a, name)!r} and "
+                             f"{getattr(acc_b, name)!r}")
+    shells = _voxel_shells(acc_a.Np)
+    both = (acc_a.weights > 0) & (acc_b.weights > 0)
+    va = acc_a.data[both] / acc_a.weights[both]
+    vb = acc_b.data[both] / acc_b.weights[both]
+    sh = shells[both]
+    n_shells = int(shells.max()) + 1
+    cross = np.bincount(sh, (va * np.conj(vb)).real, n_shells)
+    pa = np.bincount(sh, np.abs(va) ** 2, n_shells)
+    pb = np.bincount(sh, np.abs(vb) ** 2, n_shells)
+    denominator = np.sqrt(pa * pb)
+    fsc = np.where(denominator > 0, cross / np.where(denominator > 0, denominator, 1.0), 0.0)
+    fsc = np.clip(fsc, *fsc_range)
+    count = np.bincount(sh, None, n_shells)
+    mean_w = np.bincount(sh, 0.5 * (acc_a.weights[both] + acc_b.weights[both]), n_shells) / np.maximum(count, 1)
+    return mean_w * (1.0 - fsc) / fsc
 
 
 def reconstruct(images: np.ndarray, poses: np.ndarray, *, ctf: CTFParams | None = None, apix_A: float = 1.0,
                 snr: float | None = 1.0, sym: str = "c1", npad: int = 2, chunk: int = 256,
-                backend=None) -> np.ndarray:
+                backend=None, insertion: str = "nn4") -> np.ndarray:
     """nn4 (ctf None) or nn4_ctf reconstruction of images at poses: float64 (M, M, M), see :func:`finish`.
 
     Images go through :func:`insert` ``chunk`` at a time, so memory stays bounded for any number of images.
@@ -371,13 +489,14 @@ def reconstruct(images: np.ndarray, poses: np.ndarray, *, ctf: CTFParams | None 
     accumulator then lives on that backend until ``finish``, which runs on the host.
     """
     acc = _accumulate(images, poses, np.arange(len(images)), ctf=ctf, apix_A=apix_A, snr=snr, sym=sym, npad=npad,
-                      chunk=chunk, backend=backend)
+                      chunk=chunk, backend=backend, insertion=insertion)
     return finish(acc)
 
 
 def reconstruct_halves(images: np.ndarray, poses: np.ndarray, *, half: np.ndarray | None = None,
                        ctf: CTFParams | None = None, apix_A: float = 1.0, snr: float | None = 1.0, sym: str = "c1",
-                       npad: int = 2, chunk: int = 256, backend=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       npad: int = 2, chunk: int = 256, backend=None,
+                       insertion: str = "nn4") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Two half maps and the full map, each float64 (M, M, M): (even, odd, full).
 
     half : int array (n,) of 0 (first, "even" half) and 1 (second, "odd" half), e.g. rlnRandomSubset - 1; None
@@ -386,13 +505,14 @@ def reconstruct_halves(images: np.ndarray, poses: np.ndarray, *, half: np.ndarra
     images up to float rounding. backend : as :func:`reconstruct`.
     """
     accs = accumulate_halves(images, poses, half=half, ctf=ctf, apix_A=apix_A, snr=snr, sym=sym, npad=npad,
-                             chunk=chunk, backend=backend)
+                             chunk=chunk, backend=backend, insertion=insertion)
     return finish(accs[0]), finish(accs[1]), finish(add(accs[0], accs[1]))
 
 
 def accumulate_halves(images: np.ndarray, poses: np.ndarray, *, half: np.ndarray | None = None,
                       ctf: CTFParams | None = None, apix_A: float = 1.0, snr: float | None = 1.0, sym: str = "c1",
-                      npad: int = 2, chunk: int = 256, backend=None) -> tuple[FourierAccumulator, FourierAccumulator]:
+                      npad: int = 2, chunk: int = 256, backend=None,
+                      insertion: str = "nn4") -> tuple[FourierAccumulator, FourierAccumulator]:
     """The two half-set accumulators (host arrays) of :func:`reconstruct_halves`, before ``finish``: what an MPI
     rank computes from its own particles (``half`` is then its slice of the global assignment) and
     :func:`gpu_ali3d.parallel.reduce_accumulator` sums over ranks. Arguments as :func:`reconstruct_halves`."""
@@ -404,12 +524,12 @@ def accumulate_halves(images: np.ndarray, poses: np.ndarray, *, half: np.ndarray
         raise ValueError(f"half must be an array of {n} values, each 0 or 1; got shape {half.shape} with values "
                          f"{np.unique(half)[:5]}")
     return tuple(_accumulate(images, poses, np.nonzero(half == h)[0], ctf=ctf, apix_A=apix_A, snr=snr, sym=sym,
-                             npad=npad, chunk=chunk, backend=backend) for h in (0, 1))
+                             npad=npad, chunk=chunk, backend=backend, insertion=insertion) for h in (0, 1))
 
 
 # ----------------------------------------------------------------------------------------------- helpers
 def _accumulate(images, poses, which: np.ndarray, *, ctf, apix_A, snr, sym, npad, chunk,
-                backend=None) -> FourierAccumulator:
+                backend=None, insertion: str = "nn4") -> FourierAccumulator:
     images = np.asarray(images)
     if images.ndim != 3 or images.shape[1] != images.shape[2]:
         raise ValueError(f"images must be square, shape (n, M, M); got {images.shape}")
@@ -417,7 +537,7 @@ def _accumulate(images, poses, which: np.ndarray, *, ctf, apix_A, snr, sym, npad
     check_ctf_arguments(ctf, len(images), apix_A)
     if not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise ValueError(f"chunk={chunk!r} must be a positive number of images")
-    acc = new_accumulator(images.shape[1], npad=npad, sym=sym, snr=snr)
+    acc = new_accumulator(images.shape[1], npad=npad, sym=sym, snr=snr, insertion=insertion)
     scratch = None
     if backend is not None:                     # accumulate on the backend's device, one copy back at the end
         acc.data, acc.weights = backend.xp.asarray(acc.data), backend.xp.asarray(acc.weights)
@@ -435,11 +555,11 @@ def _accumulate(images, poses, which: np.ndarray, *, ctf, apix_A, snr, sym, npad
 
 def _check_slices(acc, transforms, weights, poses, ctf) -> tuple[int, np.ndarray]:
     """The shape and CTF checks of :func:`insert_transforms` (both paths). Returns (n, poses as float64 (n, 5))."""
-    n_p = acc.Np
+    n_p = acc.M if acc.insertion == "trilinear" else acc.Np      # the side of the inserted planes
     half = n_p // 2 + 1
     if transforms.ndim != 3 or transforms.shape[1:] != (n_p, half):
         raise ValueError(f"transforms have shape {transforms.shape}; expected (n, {n_p}, {half}) for M={acc.M}, "
-                         f"npad={acc.npad}")
+                         f"npad={acc.npad}, insertion {acc.insertion}")
     n = transforms.shape[0]
     p = as_poses(poses, n)
     if ctf != (weights is not None):
@@ -460,38 +580,46 @@ def _kept_samples(n_p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     half = n_p // 2 + 1
     ky = np.fft.fftfreq(n_p, d=1.0 / n_p).astype(np.int64)[:, None] * np.ones((1, half), np.int64)
     kx = np.arange(half, dtype=np.int64)[None, :] * np.ones((n_p, 1), np.int64)
-    keep = (kx * kx + ky * ky < (n_p * n_p) // 4) & ~((kx == 0) & (ky < 0))
+    keep = (4 * (kx * kx + ky * ky) < n_p * n_p) & ~((kx == 0) & (ky < 0))
     return keep, kx, ky
 
 
-def _shell_scales(xp, transforms, weights, samples, n_p: int, n_mates: int):
+def _shell_scales(xp, transforms, weights, samples, n_p: int, n_mates: int, *, side: int | None = None,
+                  reach: int = 1):
     """The power-of-two scales of the deterministic insert, per shell sh = floor(|i|) of voxel coordinates i.
 
-    A sample k reaches a voxel i with | |i| - |k| | < sqrt(3)/2, so the voxels of shell sh only receive samples with
-    floor(|k|) in sh - 1 .. sh + 1; B[sh] = n_mates * (sum of |value| over those samples of every image) bounds the
-    sum of |contributions| to any voxel of the shell, and scale = 2^(51 - e) with B < 2^e keeps every fixed-point
-    partial sum below 2^52 (exact in float64). Returns (scale_v, scale_w): float64 (n_shells,) backend arrays.
+    A sample at q (3-D grid units: q = (Np / side) k for a sample k of a side x side plane) reaches a voxel i with
+    | |i| - |q| | < sqrt(3)/2 by nearest neighbour (reach 1) and < sqrt(3) by trilinear spreading (reach 2), so the
+    voxels of shell sh only receive samples with floor(|q|) in sh - reach .. sh + reach; B[sh] = n_mates * (sum of
+    |value| over those samples of every image) bounds the sum of |contributions| to any voxel of the shell (each
+    trilinear contribution is the value times a weight <= 1), and scale = 2^(51 - e) with B < 2^e keeps every
+    fixed-point partial sum below 2^52 (exact in float64). Returns (scale_v, scale_w): float64 (n_shells,) backend
+    arrays.
     """
+    side = n_p if side is None else side
     n = transforms.shape[0]
-    half = n_p // 2 + 1
+    half = side // 2 + 1
     n_shells = math.isqrt(3 * (n_p // 2) ** 2) + 2
-    _, kx, ky = _kept_samples(n_p)
-    r2 = xp.asarray((kx * kx + ky * ky).ravel())[samples]                    # (S,) int64 |k|^2
+    _, kx, ky = _kept_samples(side)
+    factor = (n_p // side) ** 2
+    r2 = xp.asarray((kx * kx + ky * ky).ravel() * factor)[samples]           # (S,) int64 |q|^2
     bins = xp.floor(xp.sqrt(r2.astype(np.float64))).astype(np.int64)           # floor(|k|), made exact:
     bins -= (bins * bins > r2).astype(np.int64)
     bins += ((bins + 1) * (bins + 1) <= r2).astype(np.int64)
-    values = transforms.reshape(n, n_p * half)[:, samples]
+    values = transforms.reshape(n, side * half)[:, samples]
     abs_v = xp.abs(values.astype(np.complex128)).sum(axis=0)                  # (S,) float64
     if weights is None:
         abs_w = xp.full(samples.shape[0], float(n), np.float64)
     else:
-        w = xp.abs(weights.reshape(weights.shape[0], n_p * half)[:, samples].astype(np.float64)).sum(axis=0)
+        w = xp.abs(weights.reshape(weights.shape[0], side * half)[:, samples].astype(np.float64)).sum(axis=0)
         abs_w = w * (n if weights.shape[0] == 1 else 1)
 
     def scales(per_sample):
-        a = xp.zeros(n_shells + 2, np.float64)
-        a[1:n_shells + 1] = xp.bincount(bins, weights=per_sample, minlength=n_shells)[:n_shells] * n_mates
-        bound = a[:-2] + a[1:-1] + a[2:]                                       # B[sh] = A[sh-1] + A[sh] + A[sh+1]
+        a = xp.zeros(n_shells + 2 * reach, np.float64)
+        a[reach:n_shells + reach] = xp.bincount(bins, weights=per_sample, minlength=n_shells)[:n_shells] * n_mates
+        bound = a[:n_shells].copy()                                            # B[sh] = A[sh-reach] + .. + A[sh+reach]
+        for j in range(1, 2 * reach + 1):
+            bound += a[j:j + n_shells]
         if not bool(xp.isfinite(bound).all()):
             raise ValueError("the transforms or weights hold NaN or infinite values; check the input images and CTF")
         _, e = xp.frexp(bound)                                                 # bound < 2^e
@@ -590,14 +718,28 @@ def _in_range(shifted: np.ndarray, lim: int) -> np.ndarray:
     return ok[:, None] & ok[None, :]
 
 
-def _circumfnn(vol: np.ndarray, npad: int) -> np.ndarray:
-    """SPARX ``circumfnn`` on an M^3 map (module docstring, finish step 5). Returns a new float64 array."""
+def _voxel_shells(n_p: int) -> np.ndarray:
+    """floor(|i|) of every voxel of the (Np, Np, Np // 2 + 1) half grid (signed FFT-order coordinates): int64."""
+    f = np.fft.fftfreq(n_p, d=1.0 / n_p).astype(np.int64)
+    x = np.arange(n_p // 2 + 1, dtype=np.int64)
+    r2 = f[:, None, None] ** 2 + f[None, :, None] ** 2 + x[None, None, :] ** 2
+    r = np.floor(np.sqrt(r2.astype(np.float64))).astype(np.int64)
+    r -= (r * r > r2)
+    r += ((r + 1) * (r + 1) <= r2)
+    return r
+
+
+def _circumfnn(vol: np.ndarray, npad: int, *, deapodise: bool = True) -> np.ndarray:
+    """SPARX ``circumfnn`` on an M^3 map (module docstring, finish step 5). Returns a new float64 array.
+    deapodise False: only the centring and masking (the caller has deapodised for its own insertion)."""
     m = vol.shape[0]
     c = m // 2
     cor = 1.0 if npad == 1 else 4.0
     d = np.abs(np.arange(m) - c).astype(np.float64)
     arg = d * np.pi / (cor * m)
     sinc = np.where(d > 0, np.sin(arg) / np.where(d > 0, arg, 1.0), 1.0)
+    if not deapodise:
+        sinc = np.ones_like(sinc)
     out = vol / (sinc[:, None, None] * sinc[None, :, None] * sinc[None, None, :])
     r2 = (d[:, None, None] ** 2 + d[None, :, None] ** 2 + d[None, None, :] ** 2)
     outer, inner = c * c, (c - 1) * (c - 1)

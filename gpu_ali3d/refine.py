@@ -283,7 +283,8 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
         say(f"resuming at iteration {state.next_iteration + 1}, chunk {state.next_chunk + 1}")
     say(f"gpu-ali3d local refinement: {n} particles, box {box}, {apix:g} A/px, ou {ou}, delta {opts.delta:g}, "
         f"ts {opts.ts:g}, maxit {opts.maxit}, chunk {opts.chunk:g}, CTF {'on' if ctf is not None else 'off'}, "
-        f"sym {opts.sym}, interpolation {opts.interpolation}, device {backend.name if backend else 'reference'}")
+        f"sym {opts.sym}, interpolation {opts.interpolation}, insertion {opts.insertion}, "
+        f"snr {'auto' if opts.snr is None else f'{opts.snr:g}'}, device {backend.name if backend else 'reference'}")
     say(f"memory estimate: {memory_estimate_bytes(n, box, opts) / 2**20:.0f} MiB")
     free = backend.free_memory_bytes() if backend is not None else None
     if free is not None:
@@ -378,7 +379,7 @@ def _reference(images, poses, half, ctf, apix, mask, opts, user_function, backen
     global poses, half and ctf; the half-set accumulators are summed on rank 0 (:func:`parallel.reduce_accumulator`,
     fixed order), which finishes, filters and writes, and every rank gets the same (volf, curve, tanh fit).
     final: the last reconstruction of the run; its maps are also written as map.mrc and map_filtered.mrc."""
-    from .reconstruct import accumulate_halves, add, finish
+    from .reconstruct import accumulate_halves, add, finish, wiener_regularisation
     from .resolution import fit_tanh, fsc_mask, fsc_text
 
     comm = parallel.SerialComm() if comm is None else comm
@@ -386,11 +387,14 @@ def _reference(images, poses, half, ctf, apix, mask, opts, user_function, backen
         mine = slice(first, first + len(images))
         poses, half, ctf = poses[mine], half[mine], (None if ctf is None else ctf[mine])
     accs = accumulate_halves(images, poses, half=half, ctf=ctf, apix_A=apix, snr=opts.snr, sym=opts.sym,
-                             npad=opts.npad, backend=backend)
+                             npad=opts.npad, backend=backend, insertion=opts.insertion)
     accs = [parallel.reduce_accumulator(acc, comm) for acc in accs]       # None off rank 0
 
     def prepare():
-        even, odd, full = finish(accs[0]), finish(accs[1]), finish(add(accs[0], accs[1]))
+        # --snr: SPARX's constant; else per-shell Wiener terms from the half sets (reconstruct.wiener_regularisation)
+        lam = None if opts.snr is not None else wiener_regularisation(accs[0], accs[1])
+        even, odd = finish(accs[0], regularisation=lam), finish(accs[1], regularisation=lam)
+        full = finish(add(accs[0], accs[1]), regularisation=lam)
         curve = fsc_mask(even, odd, mask)
         tag = f"{iteration:03d}_{ic:03d}"
         with atomic_path(outdir / f"resolution{tag}", overwrite=True) as tmp:

@@ -1,6 +1,6 @@
-// insert.cu: nearest-neighbour back-projection of image transforms into the 3-D Fourier grid with weights
-// (SPARX nn4 / nn4_ctf insert_slice, onelinenn). The numpy reference is gpu_ali3d/reconstruct.py
-// (insert_transforms); the launch wrapper is reconstruct.insert_sums.
+// insert.cu: back-projection of image transforms into the 3-D Fourier grid with weights, by nearest neighbour
+// (SPARX nn4 / nn4_ctf insert_slice, onelinenn) or trilinear spreading (RELION). The numpy references are
+// gpu_ali3d/reconstruct.py insert_transforms and insert_transforms_trilinear; the launch wrapper is reconstruct.insert_sums.
 //
 // Precision: the grid and weights are float64 (complex128 = two doubles), the layout of FourierAccumulator, so the
 // host finish and the MPI sum (float64, DESIGN.md "MPI") read the kernel's output as it is. A float32 grid would
@@ -24,8 +24,9 @@
 
 #include "portable.cuh"
 
-// Signed frequency of index i of an FFT-order axis of length n (reconstruct._signed): 0..n/2-1, then -n/2..-1.
-DEVICE long long fft_signed(long long i, long long n) { return i < n / 2 ? i : i - n; }
+// Signed frequency of index i of an FFT-order axis of length n (np.fft.fftfreq * n; reconstruct._signed for even
+// n): 0..(n+1)/2-1, then the negative ones (even n: 0..n/2-1, -n/2..-1; odd n: 0..(n-1)/2, -(n-1)/2..-1).
+DEVICE long long fft_signed(long long i, long long n) { return i < (n + 1) / 2 ? i : i - n; }
 
 // floor(sqrt(r2)) for an integer r2 >= 0, exact (the double sqrt is only a first guess).
 DEVICE long long isqrt_ll(long long r2) {
@@ -36,23 +37,30 @@ DEVICE long long isqrt_ll(long long r2) {
 }
 
 // KERNEL insert: one block per (image, symmetry mate) pair (FOR_BLOCKS over n_images * n_mates, mate fastest),
-// threads over the kept samples (FOR_THREADS).
+// threads over the kept samples (FOR_THREADS). Two insertions (argument `trilinear`):
+//   0  nearest neighbour (SPARX nn4 / nn4_ctf): the samples are those of the padded transform (m_ = np_, scale 1)
+//      and each adds to the voxel nearest q.
+//   1  trilinear: the samples are those of the image's own M x M transform (m_ = M, scale = npad), with the CTF
+//      evaluated on that grid, placed at q = npad (R S)^T k and spread over the 8 voxels around q with weights
+//      (1 - |dx|)(1 - |dy|)(1 - |dz|) (RELION's back-projection; reconstruct.insert_transforms_trilinear).
 //
-//   transforms   complex64 (n_images, np_, np_ / 2 + 1), C-contiguous: the padded, centred, shifted (and
-//                CTF-multiplied) image transforms of reconstruct.slice_transforms, np.fft.rfft2 layout (rows ky in
-//                FFT order, columns kx = 0..np_/2), cycles per padded box.
+//   transforms   complex64 (n_images, m_, m_ / 2 + 1), C-contiguous: the centred, shifted (and CTF-multiplied)
+//                image transforms of reconstruct.slice_transforms (npad = np_ / m_), np.fft.rfft2 layout (rows ky in
+//                FFT order, columns kx = 0..m_/2), cycles per m_ pixels.
 //   n_images     int64: n.
-//   np_          int32: Np = npad * M, side of the padded grid (even).
-//   samples      int32 (n_samples,): flat indices (row * (np_/2 + 1) + kx) of the kept half-plane samples of one
-//                image plane: kx^2 + ky^2 < Np^2 / 4 and not (kx = 0 and ky < 0) (reconstruct._kept_samples).
+//   m_           int32: side of the transforms' grid (np_ for nearest neighbour, M (even or odd) for trilinear).
+//   np_          int32: Np = npad * M, side of the padded 3-D grid (even).
+//   scale        float64: np_ / m_, the factor from the transforms' frequency units to the 3-D grid's (1 or npad).
+//   samples      int32 (n_samples,): flat indices (row * (m_/2 + 1) + kx) of the kept half-plane samples of one
+//                image plane: 4 (kx^2 + ky^2) < m_^2 and not (kx = 0 and ky < 0) (reconstruct._kept_samples).
 //   n_samples    int32.
-//   weights      float32 (n_images or 1, np_, np_ / 2 + 1), C-contiguous: CTF^2 per sample; read only if
+//   weights      float32 (n_images or 1, m_, m_ / 2 + 1), C-contiguous: CTF^2 per sample; read only if
 //                has_weights (else any array; the weight is 1).
 //   weight_stride int64: elements between the weight planes of consecutive images (0 when one plane serves all).
 //   has_weights  int32: 1 CTF^2 weights, 0 weight 1.
 //   mates        float64 (n_images, n_mates, 3, 3), C-contiguous: R @ S per image and symmetry operator
 //                (geometry.rotation_matrix times symmetry.symmetry_rotations, made on the host); sample (kx, ky)
-//                goes to q = (R S)^T (kx, ky, 0).
+//                goes to q = scale (R S)^T (kx, ky, 0).
 //   n_mates      int32.
 //   data         complex128 (np_, np_, np_ / 2 + 1), C-contiguous, FourierAccumulator.data layout (axes z, y, x; z and
 //                y in FFT order, x = 0..Np/2): mode 0 the accumulator itself, mode 1 the zeroed scratch grid. Added to.
@@ -60,46 +68,70 @@ DEVICE long long isqrt_ll(long long r2) {
 //   scale_v      float64 (n_shells,): mode 1, the power-of-two scale of data contributions per shell (else unread).
 //   scale_w      float64 (n_shells,): mode 1, the same for the weights. n_shells >= isqrt(3 (Np/2)^2) + 1.
 //   deterministic int32: 0 atomic mode, 1 fixed-point mode (file comment).
-KERNEL void insert(const cfloat *transforms, long long n_images, int np_, const int *samples, int n_samples,
+//   trilinear    int32: 0 nearest neighbour, 1 trilinear (above).
+
+// One contribution (value re + i im, weight wt) to voxel (ix, iy, iz) (ix >= 0; iy, iz signed in [-Np/2, Np/2]).
+DEVICE void add_to_voxel(long long ix, long long iy, long long iz, long long n, long long half, double re,
+                         double im, double wt, cdouble *data, double *wsum, const double *scale_v,
+                         const double *scale_w, int deterministic) {
+    // one wrap into FFT order
+    const long long voxel = ((iz < 0 ? iz + n : iz) * n + (iy < 0 ? iy + n : iy)) * half + ix;
+    if (deterministic) {
+        const long long sh = isqrt_ll(ix * ix + iy * iy + iz * iz);
+        re = rint_small(re * scale_v[sh]);      // |value| < 2^51 by the choice of the scales
+        im = rint_small(im * scale_v[sh]);
+        wt = rint_small(wt * scale_w[sh]);
+    }
+    atomic_add(&data[voxel].re, re);
+    atomic_add(&data[voxel].im, im);
+    atomic_add(&wsum[voxel], wt);
+}
+
+KERNEL void insert(const cfloat *transforms, long long n_images, int m_, int np_, double scale,
+                   const int *samples, int n_samples,
                    const float *weights, long long weight_stride, int has_weights,
                    const double *mates, int n_mates, cdouble *data, double *wsum,
-                   const double *scale_v, const double *scale_w, int deterministic) {
-    const long long n = np_, half = np_ / 2 + 1, plane = n * half;
+                   const double *scale_v, const double *scale_w, int deterministic, int trilinear) {
+    const long long n = np_, half = np_ / 2 + 1;
+    const long long m_half = m_ / 2 + 1, m_plane = (long long)m_ * m_half;
     FOR_BLOCKS(b, n_images * (long long)n_mates) {
         const long long img = b / n_mates;
         const double *m = mates + 9 * b;                  // (img, mate) row-major 3 x 3
-        const cfloat *x = transforms + img * plane;
+        const cfloat *x = transforms + img * m_plane;
         const float *w = has_weights ? weights + img * weight_stride : 0;
         FOR_THREADS(s, n_samples) {
             const int f = samples[s];
-            const int row = f / (int)half, kx = f - row * (int)half, ky = (int)fft_signed(row, n);
+            const int row = f / (int)m_half, kx = f - row * (int)m_half, ky = (int)fft_signed(row, m_);
             const double dkx = (double)kx, dky = (double)ky;
-            // q = (R S)^T (kx, ky, 0): q_a = M[0][a] kx + M[1][a] ky, rounded as the reference rounds it (each
-            // product, then the sum), so that a sample near a voxel boundary lands where numpy puts it. NVRTC/nvcc
-            // contract a * b + c * d into fma(a, b, c * d) by default (--fmad=true), which rounds once less; the
-            // "+ 0.0" (not removable without -ffast-math: it turns -0 into +0) makes each product its own fma(a, b, 0)
-            // = round(a b), and the sum of two such results is not contracted. Checked in the PTX (sm_80, sm_90).
+            // q = scale (R S)^T (kx, ky, 0): q_a = (M[0][a] kx + M[1][a] ky) scale, rounded as the reference rounds
+            // it (each product, then the sum, then the scale: exact for scale 1 and powers of two), so that a sample
+            // near a voxel boundary lands where numpy puts it. NVRTC/nvcc contract a * b + c * d into
+            // fma(a, b, c * d) by default (--fmad=true), which rounds once less; the "+ 0.0" (not removable without
+            // -ffast-math: it turns -0 into +0) makes each product its own fma(a, b, 0) = round(a b), and the sum of
+            // two such results is not contracted. Checked in the PTX (sm_80, sm_90).
             const double px = m[0] * dkx + 0.0, py = m[1] * dkx + 0.0, pz = m[2] * dkx + 0.0;
             const double rx = m[3] * dky + 0.0, ry = m[4] * dky + 0.0, rz = m[5] * dky + 0.0;
-            double qx = px + rx, qy = py + ry, qz = pz + rz;
+            double qx = (px + rx) * scale, qy = (py + ry) * scale, qz = (pz + rz) * scale;
             const bool flip = qx < 0.0;                    // Friedel: -q and the complex conjugate
             if (flip) { qx = -qx; qy = -qy; qz = -qz; }
-            const long long ix = floor_ll(qx + 0.5);
-            const long long iy = floor_ll(qy + 0.5), iz = floor_ll(qz + 0.5);   // signed
-            // |q| < Np/2, so iy, iz are in [-Np/2, Np/2]: one wrap into FFT order
-            const long long voxel = ((iz < 0 ? iz + n : iz) * n + (iy < 0 ? iy + n : iy)) * half + ix;
             const cfloat v = x[f];
-            double re = (double)v.re, im = flip ? -(double)v.im : (double)v.im;
-            double wt = has_weights ? (double)w[f] : 1.0;
-            if (deterministic) {
-                const long long sh = isqrt_ll(ix * ix + iy * iy + iz * iz);
-                re = rint_small(re * scale_v[sh]);      // |value| < 2^51 by the choice of the scales
-                im = rint_small(im * scale_v[sh]);
-                wt = rint_small(wt * scale_w[sh]);
+            const double re = (double)v.re, im = flip ? -(double)v.im : (double)v.im;
+            const double wt = has_weights ? (double)w[f] : 1.0;
+            if (!trilinear) {
+                // |q| < Np/2, so iy, iz are in [-Np/2, Np/2]
+                add_to_voxel(floor_ll(qx + 0.5), floor_ll(qy + 0.5), floor_ll(qz + 0.5), n, half, re, im, wt,
+                             data, wsum, scale_v, scale_w, deterministic);
+            } else {
+                // the 8 voxels around q: x0 + 0/1 <= Np/2 and y0, z0 + 0/1 in [-Np/2, Np/2] as |q| < Np/2
+                const long long x0 = floor_ll(qx), y0 = floor_ll(qy), z0 = floor_ll(qz);
+                const double fx = qx - (double)x0, fy = qy - (double)y0, fz = qz - (double)z0;
+                for (int c = 0; c < 8; ++c) {
+                    const int dx = c & 1, dy = (c >> 1) & 1, dz = c >> 2;
+                    const double t = ((dx ? fx : 1.0 - fx) * (dy ? fy : 1.0 - fy)) * (dz ? fz : 1.0 - fz);
+                    add_to_voxel(x0 + dx, y0 + dy, z0 + dz, n, half, re * t, im * t, wt * t,
+                                 data, wsum, scale_v, scale_w, deterministic);
+                }
             }
-            atomic_add(&data[voxel].re, re);
-            atomic_add(&data[voxel].im, im);
-            atomic_add(&wsum[voxel], wt);
         }
     }
 }
