@@ -35,6 +35,12 @@ class Backend:
         free, _total = self.xp.cuda.runtime.memGetInfo()
         return int(free + self.xp.get_default_memory_pool().free_bytes())
 
+    @property
+    def counts(self):
+        """On a stand-in backend (:func:`make_standin_backend`), its :class:`gpu_ali3d.standin.Counts`; else None."""
+        from .standin import Standin
+        return self.xp.counts if isinstance(self.xp, Standin) else None
+
 
 def make_backend(name: str = "auto", *, kernel_dir=None) -> Backend:
     """name : "cpu", "gpu" (RuntimeError when no usable CUDA device) or "auto" (gpu if cupy imports and sees a
@@ -47,6 +53,15 @@ def make_backend(name: str = "auto", *, kernel_dir=None) -> Backend:
         return Backend("cpu", np, KernelSet("cpu", None if kernel_dir is None else str(kernel_dir)))
     cupy = _import_cupy()
     return Backend("gpu", cupy, KernelSet("gpu", None if kernel_dir is None else str(kernel_dir)))
+
+
+def make_standin_backend(xp=None, *, kernel_dir=None) -> Backend:
+    """A "gpu" Backend over the strict CuPy stand-in of the tests (:mod:`gpu_ali3d.standin`): ``xp`` from
+    ``standin.make_standin()`` (default: a fresh one with one device), and the GPU launch path over the CPU build
+    of the kernels. Never chosen by :func:`make_backend`; tests build it explicitly."""
+    from . import standin
+    xp = standin.make_standin() if xp is None else xp
+    return Backend("gpu", xp, standin.StandinKernelSet("gpu", None if kernel_dir is None else str(kernel_dir), xp))
 
 
 def gpu_available() -> bool:

@@ -45,3 +45,18 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture
+def standin():
+    """A fresh strict stand-in for CuPy (gpu_ali3d.standin) with one device and zeroed counts."""
+    from gpu_ali3d.standin import make_standin
+    return make_standin()
+
+
+@pytest.fixture
+def standin_backend(standin):
+    """A "gpu" Backend over ``standin``: the GPU host path, with the CPU kernel build behind the GPU launch
+    interface. ``standin_backend.counts`` are the stand-in's counts (launches, syncs, h2d/d2h bytes, mixing)."""
+    from gpu_ali3d.backend import make_standin_backend
+    return make_standin_backend(standin)
