@@ -5,8 +5,9 @@ inlines them (recursively, each header once) into one string, which is what ever
 
 * CPU: :func:`cpu_build` runs ``c++ -O3 -fopenmp -shared -fPIC -x c++`` on that string and caches the library
   as ``<cache>/<key>.so``, key = sha256(source + flags + compiler version + target), written under a temporary
-  name and renamed atomically. cache = ``$GPU_ALI3D_CACHE`` or ``~/.cache/gpu-ali3d`` (``$XDG_CACHE_HOME``).
-* GPU: :func:`gpu_module` hands the same string to ``cupy.RawModule`` with :data:`NVRTC_OPTIONS`.
+  name and renamed atomically, readable by every user (mode 0755, folders too). cache = ``$GPU_ALI3D_CACHE`` or ``~/.cache/gpu-ali3d`` (``$XDG_CACHE_HOME``).
+* GPU: :func:`gpu_module` hands the same string to ``cupy.RawModule`` with :data:`NVRTC_OPTIONS` and compiles it
+  at once (at :meth:`KernelSet.load`), so an NVRTC error names the kernel file before any work.
 * CI (no GPU): :func:`nvcc_check` compiles it with ``nvcc --ptx`` and :func:`nvrtc_check` through
   ``cupy.cuda.nvrtc`` with the same options a GPU would use.
 
@@ -51,6 +52,8 @@ CPU_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-x", "c++")
 #: --fmad=false: no contraction of a*b + c into fma, which the CPU build (baseline x86-64) does not do either, so
 #: both targets round alike (a sample falls into the same voxel, a score agrees to the last bits).
 NVRTC_OPTIONS = ("--std=c++17", "-DGPU_ALI3D_CUDA=1", "--fmad=false")
+#: Mode of a cached CPU library and of the cache folders this module creates: readable by every user.
+CACHE_FILE_MODE, CACHE_DIR_MODE = 0o755, 0o755
 #: Threads per block of every GPU launch (a multiple of 32, as block_sum requires).
 GPU_THREADS = 128
 #: Upper bound on the GPU grid; FOR_BLOCKS grid-strides over the rest.
@@ -109,13 +112,16 @@ def cpu_library_path(name: str, kernel_dir=None, cache=None) -> Path:
     out = folder / f"{key}.so"
     if out.is_file():
         return out
-    folder.mkdir(parents=True, exist_ok=True)
+    _make_cache_dir(folder)
     fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".so.tmp", dir=folder)
     os.close(fd)
     try:
         proc = subprocess.run([cxx, *CPU_FLAGS, "-", "-o", tmp], input=source, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"compiling kernel {name!r} for the CPU failed ({cxx}):\n{proc.stderr}")
+        # mkstemp made the file 0600 and the linker only adds execute bits (0711): make it readable by every user,
+        # whatever the umask, so a cache built by one user id (root building the image) loads for any other
+        os.chmod(tmp, CACHE_FILE_MODE)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -128,10 +134,29 @@ def cpu_build(name: str, kernel_dir=None, cache=None) -> ctypes.CDLL:
     return _load_cdll(str(cpu_library_path(name, kernel_dir, cache)))
 
 
+@lru_cache(maxsize=None)
 def gpu_module(name: str, kernel_dir=None):
-    """``cupy.RawModule`` of kernel file ``<name>.cu`` (same inlined source, :data:`NVRTC_OPTIONS`)."""
+    """``cupy.RawModule`` of kernel file ``<name>.cu`` (same inlined source, :data:`NVRTC_OPTIONS`), compiled now.
+
+    CuPy compiles a RawModule lazily, at its first ``get_function``; this compiles it at once, so an error surfaces
+    when the kernels are loaded, before any work. One module per (name, kernel_dir) for the life of the process
+    (every launch reuses it). RuntimeError naming the kernel file, with NVRTC's log, if it does not compile.
+    """
     import cupy  # lazy: the GPU path only
-    return cupy.RawModule(code=kernel_source(name, kernel_dir), options=NVRTC_OPTIONS)
+    from cupy.cuda.compiler import CompileException
+    path = (Path(kernel_dir) if kernel_dir is not None else KERNEL_DIR) / f"{name}.cu"
+    module = cupy.RawModule(code=kernel_source(name, kernel_dir), options=NVRTC_OPTIONS)
+    try:
+        module.compile()
+    except CompileException as err:
+        raise RuntimeError(f"NVRTC failed on kernel file {path} (options {' '.join(NVRTC_OPTIONS)}):\n"
+                           f"{err.get_message()}") from err
+    except Exception as err:       # no CUDA headers, no NVRTC library, no device: CuPy's own message
+        hint = (" (CuPy finds the CUDA headers in the NVIDIA wheels: pip install 'gpu-ali3d[cuda12]', or "
+                "[cuda13]; or set CUDA_PATH to a CUDA toolkit)" if "header" in str(err).lower() else "")
+        raise RuntimeError(f"compiling kernel file {path} for the GPU failed: {type(err).__name__}: {err}"
+                           f"{hint}") from err
+    return module
 
 
 def nvcc_check(name: str, arch: str = "sm_80", kernel_dir=None) -> str:
@@ -193,8 +218,10 @@ class KernelSet:
         Loaded kernels are kept for the life of the process (keyed by module, kernel and folder)."""
         if self.target == "cpu":
             cpu_build(module, self.kernel_dir)
+        elif self.target == "gpu":
+            gpu_module(module, self.kernel_dir)        # compiles now (CuPy alone would wait for the first launch)
         else:
-            gpu_module(module, self.kernel_dir)
+            raise ValueError(f"target={self.target!r}; expected 'cpu' or 'gpu'")
 
     def launch(self, module: str, kernel: str, n_blocks: int, args) -> None:
         """Run ``kernel`` of ``<module>.cu`` over ``n_blocks`` blocks (FOR_BLOCKS items).
@@ -394,6 +421,30 @@ def score_kernel(backend, ref, prepared, poses, image_index=None, *, check_index
     return xp.where(den > 0, sums[:, 0] / xp.where(den > 0, den, 1.0), 0.0)
 
 
+def check_kernel_inputs(kref: KernelReference, kimg: KernelImages, xp) -> None:
+    """The launch-wrapper checks of a reference and images that go to the objective's kernels together
+    (kernels/score.cuh: score.cu, align.cu): one N, samples within the reference's crop, every array's dtype,
+    shape and C order (TypeError / ValueError naming the array)."""
+    if kref.N != kimg.N:
+        raise ValueError(f"reference N={kref.N} but images N={kimg.N}; prepare both with the same box and pad")
+    if kimg.k_reach > kref.extent:
+        raise ValueError(f"the images have samples up to |k| = {kimg.k_reach:.2f} but the reference was cropped to "
+                         f"{kref.extent}; convert it with kernel_reference(..., kmax=prepared.kmax)")
+    if kimg.k_index > SCORE_MAX_K:
+        raise ValueError(f"samples up to |k| = {kimg.k_index} exceed the kernels' {SCORE_MAX_K} (padded-grid "
+                         f"units); lower the resolution limit or the padding")
+    n_img, n_s = kimg.data.shape
+    d, dx = 2 * kref.extent + 2 * kref.halo + 1, kref.extent + 1 + 2 * kref.halo
+    _check_array("ref.data", kref.data, np.complex64, (d, d, dx), xp)
+    _check_array("ref.window", kref.window, np.float32, (kref.window.shape[0],), xp)
+    _check_array("freqs", kimg.freqs, np.float32, (n_s, 2), xp)
+    _check_array("weights", kimg.weights, np.float32, (n_s,), xp)
+    _check_array("data", kimg.data, np.complex64, (n_img, n_s), xp)
+    _check_array("power", kimg.power, np.float64, (n_img,), xp)
+    if kimg.ctf is not None:
+        _check_array("ctf", kimg.ctf, np.float32, (n_img, n_s), xp)
+
+
 # ----------------------------------------------------------------------------------------------- helpers
 def _check_array(name, a, dtype, shape, xp) -> None:
     """Launch-wrapper checks: array of the backend's module, exact dtype (no silent casts), shape, C order."""
@@ -429,6 +480,21 @@ def _inline(path: Path, folder: Path, seen: set) -> str:
         else:
             out.append(line)
     return "\n".join(out)
+
+
+def _make_cache_dir(folder: Path) -> None:
+    """Create ``folder`` and its missing parents with :data:`CACHE_DIR_MODE` whatever the umask (folders that exist
+    are left as they are), so every user can reach the libraries cached there."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:    # made meanwhile by a concurrent build: its creator set the mode
+            continue
+        os.chmod(d, CACHE_DIR_MODE)
 
 
 @lru_cache(maxsize=None)

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 import zipfile
 from pathlib import Path
 
@@ -73,6 +74,24 @@ def test_cpu_build(name, cache):
     assert hasattr(lib, name)
     assert len(list(cache.glob("*.so"))) == 1
     assert not list(cache.glob("*.tmp"))          # temporary names renamed away
+
+
+def test_cpu_cache_is_readable_by_every_user_under_a_restrictive_umask(tmp_path):
+    """A cache filled by one user (root building the Docker image) must load for every other: the library is
+    written 0755 and the folders the build creates 0755, whatever the umask (mkstemp's 0600 plus the linker's
+    execute bits gave 0711 before)."""
+    cache = tmp_path / "made" / "by" / "cpu_build"          # three folders the build must create
+    old = os.umask(0o077)
+    try:
+        lib = kernels.cpu_library_path("selftest", cache=cache)
+    finally:
+        os.umask(old)
+    mode = lib.stat().st_mode & 0o777
+    assert mode & 0o044 == 0o044, f"cached library mode {oct(mode)}: not readable by group and others"
+    for folder in (cache, cache.parent, cache.parent.parent):
+        mode = folder.stat().st_mode & 0o777
+        assert mode & 0o055 == 0o055, f"{folder} mode {oct(mode)}: others cannot list or enter it"
+    assert kernels.cpu_build("selftest", cache=cache).selftest is not None
 
 
 def test_inlined_source_has_no_project_includes():
@@ -184,3 +203,111 @@ def test_selftest_kernel(backend, n_rows, n_cols):
     np.testing.assert_allclose(tot[0], x64.sum(), rtol=0, atol=1e-10 * x64.size)
     z = (x64[:, 0] + 1j * x64[:, 1]) * np.conj(x64[:, 2] + 1j * x64[:, 3])
     np.testing.assert_allclose(cp[:, 0] + 1j * cp[:, 1], z, rtol=0, atol=1e-5 * (1 + np.abs(z).max()))
+
+
+# ------------------------------------------------------------------------ GPU loading, on a stand-in for CuPy
+class _FakeCompileException(Exception):
+    """cupy.cuda.compiler.CompileException's interface: (msg, source, name, options), get_message()."""
+
+    def __init__(self, msg, source, name, options, backend="nvrtc"):
+        super().__init__(msg)
+        self._msg = msg
+
+    def get_message(self):
+        return self._msg
+
+
+class _FakeRawModule:
+    """Records what cupy.RawModule is given and whether it is compiled; ``fail`` is raised by compile()."""
+
+    made: list = []
+    launches: list = []
+    fail: Exception | None = None
+
+    def __init__(self, code, options=(), **kwargs):
+        self.code, self.options, self.kwargs, self.compiles, self.functions = code, options, kwargs, 0, []
+        _FakeRawModule.made.append(self)
+
+    def compile(self, log_stream=None):
+        self.compiles += 1
+        if _FakeRawModule.fail is not None:
+            raise _FakeRawModule.fail
+
+    def get_function(self, name):
+        assert self.compiles, "get_function before compile: the module was not compiled at load"
+        self.functions.append(name)
+        return lambda grid, block, args: self.launches.append((name, grid, block, args))
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    """`import cupy` inside kernels.py gets a stand-in whose RawModule records its calls (no GPU, with or without
+    cupy installed); the per-process module caches are emptied before and after."""
+    cupy, cuda, compiler = (types.ModuleType(n) for n in ("cupy", "cupy.cuda", "cupy.cuda.compiler"))
+    compiler.CompileException = _FakeCompileException
+    cuda.compiler, cupy.cuda, cupy.RawModule = compiler, cuda, _FakeRawModule
+    for name, mod in (("cupy", cupy), ("cupy.cuda", cuda), ("cupy.cuda.compiler", compiler)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    _FakeRawModule.made, _FakeRawModule.launches, _FakeRawModule.fail = [], [], None
+    kernels.gpu_module.cache_clear()
+    kernels._gpu_function.cache_clear()
+    yield _FakeRawModule
+    kernels.gpu_module.cache_clear()
+    kernels._gpu_function.cache_clear()
+    _FakeRawModule.fail = None
+
+
+def test_gpu_load_compiles_at_once_with_the_nvrtc_options(fake_cupy):
+    ks = kernels.KernelSet("gpu")
+    ks.load("selftest")
+    (module,) = fake_cupy.made
+    assert module.compiles == 1, "KernelSet.load must compile the RawModule (CuPy alone waits for a launch)"
+    assert module.code == kernels.kernel_source("selftest")
+    assert module.options is kernels.NVRTC_OPTIONS          # the one list CI's NVRTC and nvcc checks use
+    # a launch reuses the compiled module: no second RawModule, no second compile
+    ks.launch("selftest", "selftest", 3, [np.int32(1)])
+    assert fake_cupy.made == [module] and module.compiles == 1
+    assert module.functions == ["selftest"]
+    assert fake_cupy.launches == [("selftest", (3,), (kernels.GPU_THREADS,), (np.int32(1),))]
+
+
+def test_gpu_compile_error_names_the_kernel_file_and_nvrtc_log(fake_cupy):
+    log = 'score.cu(42): error: identifier "oops" is undefined\n1 error detected in the compilation of "score.cu".'
+    fake_cupy.fail = _FakeCompileException(log, "source", "/tmp/tmpabc/kern.cu", kernels.NVRTC_OPTIONS)
+    with pytest.raises(RuntimeError) as err:
+        kernels.KernelSet("gpu").load("score")
+    message = str(err.value)
+    assert str(kernels.KERNEL_DIR / "score.cu") in message
+    assert 'identifier "oops" is undefined' in message
+    assert " ".join(kernels.NVRTC_OPTIONS) in message
+    # a failed compile is not cached: the next load tries again
+    fake_cupy.fail = None
+    kernels.KernelSet("gpu").load("score")
+    assert len(fake_cupy.made) == 2 and fake_cupy.made[-1].compiles == 1
+
+
+def test_gpu_missing_cuda_headers_is_a_clear_error(fake_cupy):
+    fake_cupy.fail = RuntimeError("Failed to find CUDA headers. Please install the CUDA Toolkit or set CUDA_PATH")
+    with pytest.raises(RuntimeError, match=r"selftest\.cu .*Failed to find CUDA headers.*gpu-ali3d\[cuda12\]"):
+        kernels.KernelSet("gpu").load("selftest")
+
+
+def test_gpu_compile_error_with_cupys_own_exception(monkeypatch):
+    """The same path with the real cupy (CI installs it; no GPU needed): CuPy's CompileException is the one caught."""
+    cupy = pytest.importorskip("cupy")
+    from cupy.cuda.compiler import CompileException
+
+    class Failing:
+        def __init__(self, code, options=(), **kwargs):
+            self.code, self.options = code, options
+
+        def compile(self, log_stream=None):
+            raise CompileException('selftest.cu(7): error: expected a ";"', self.code, "/tmp/x.cu", self.options)
+
+    monkeypatch.setattr(cupy, "RawModule", Failing)
+    kernels.gpu_module.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"(?s)NVRTC failed on kernel file .*selftest\.cu.*expected a"):
+            kernels.gpu_module("selftest")
+    finally:
+        kernels.gpu_module.cache_clear()
