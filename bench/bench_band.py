@@ -1,11 +1,11 @@
-"""The objective's band limit: accuracy and alignment time against refine.BAND_LEVEL (where it cuts the reference's
-tanh filter), on a RELION-simulated dataset.
+"""The objective's band limit: accuracy and alignment time against alignment.BAND_LEVEL (where it cuts the
+reference's tanh filter), on a RELION-simulated dataset.
 
 Run (from the repository root; the dataset is a make_dataset.py folder, e.g. the one bench_relion.py made)::
 
     python bench/bench_band.py bench/runs/relion_2000/dataset --levels 0.01 0.05 0.1 0.2
 
-For each level: ``local_ali3d(start.star, --CTF, --maxit 2, trilinear)`` with ``refine.BAND_LEVEL`` set to it, in
+For each level: ``local_ali3d(start.star, --CTF, --maxit 2, trilinear)`` with ``alignment.BAND_LEVEL`` set to it, in
 this process one after the other; prints the band (Fourier pixels of the box) and alignment seconds of each of the
 two iterations, and the median angle and shift error after them against ``truth.star`` (gauge removed,
 :func:`gpu_ali3d.accuracy.pose_errors`). JSON to ``bench/results/band_<host>.json`` (``--out``).
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--levels", type=float, nargs="+", default=[0.01, 0.05, 0.1, 0.2])
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
-    from gpu_ali3d import refine
+    from gpu_ali3d import alignment, refine
     from gpu_ali3d.accuracy import pose_errors
     from gpu_ali3d.io.formats import read_stack
 
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     print("| level | band it. 1, 2 (Fourier px) | alignment s it. 1, 2 | angle error (deg) | shift error (px) |")
     print("| --: | --: | --: | --: | --: |")
     for level in a.levels:
-        refine.BAND_LEVEL = level
+        alignment.BAND_LEVEL = level
         with tempfile.TemporaryDirectory() as tmp:
             result = refine.local_ali3d(str(a.dataset / "start.star"), Path(tmp) / "out", CTF=True, maxit=2,
                                         interpolation="trilinear", progress=False)

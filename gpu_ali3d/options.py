@@ -50,7 +50,7 @@ class RefineOptions:
     interpolation : "kb" (Kaiser-Bessel K = 6, SPARX's gridding) or "trilinear" (8 taps, faster, less exact) for
         sampling the reference's central sections in the objective.
     batch : images aligned together by the batched simplex (one kernel launch scores all of them); 0 = sized from
-        memory (:func:`gpu_ali3d.refine.alignment_batch`). The poses do not depend on it.
+        memory (:func:`gpu_ali3d.alignment.alignment_batch`). The poses do not depend on it.
     """
 
     ou: int = -1

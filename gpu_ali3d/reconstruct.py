@@ -108,9 +108,9 @@ class FourierAccumulator:
 
 
 def new_accumulator(M: int, *, npad: int = 2, sym: str = "c1", snr: float | None = 1.0,
-                    insertion: str = "nn4") -> FourierAccumulator:
-    """An empty accumulator for M^3 maps (FourierAccumulator for the layout and ``insertion``). Raises ValueError
-    for bad values."""
+                    insertion: str = "nn4", xp=np) -> FourierAccumulator:
+    """An empty accumulator for M^3 maps (FourierAccumulator for the layout and ``insertion``), its grids made by
+    ``xp.zeros`` (numpy, or cupy: allocated on the device, nothing uploaded). Raises ValueError for bad values."""
     if insertion not in INSERTIONS:
         raise ValueError(f"insertion={insertion!r}; expected one of {INSERTIONS}")
     if not isinstance(M, (int, np.integer)) or M < 2:
@@ -124,7 +124,7 @@ def new_accumulator(M: int, *, npad: int = 2, sym: str = "c1", snr: float | None
     symmetry_rotations(sym)  # validates the name
     n_p = int(M) * int(npad)
     shape = (n_p, n_p, n_p // 2 + 1)
-    return FourierAccumulator(np.zeros(shape, np.complex128), np.zeros(shape, np.float64), int(M), int(npad),
+    return FourierAccumulator(xp.zeros(shape, np.complex128), xp.zeros(shape, np.float64), int(M), int(npad),
                               str(sym), None if snr is None else float(snr), insertion=insertion)
 
 
@@ -137,7 +137,7 @@ def insert(acc: FourierAccumulator, images: np.ndarray, poses: np.ndarray, *, ct
     apix_A : pixel size in Angstrom, for the CTF only.
     backend : None for the numpy reference (:func:`insert_transforms`), or a :class:`gpu_ali3d.backend.Backend` for
         kernels/insert.cu (:func:`insert_transforms_kernel`; ``acc.data`` and ``acc.weights`` must then be arrays of
-        that backend). Steps 1-4 run on the host (numpy) in both cases, in float32 for the kernel.
+        that backend). Steps 1-4 run on the backend's arrays (:func:`slice_transforms`), in float32 for the kernel.
     deterministic : kernel path only: bitwise repeatable sums (:func:`insert_sums`); False uses plain atomics.
     scratch : kernel path only: zeroed grids to reuse across calls (:func:`insert_sums`).
     """
@@ -146,7 +146,8 @@ def insert(acc: FourierAccumulator, images: np.ndarray, poses: np.ndarray, *, ct
         raise ValueError(f"images have shape {images.shape}; this accumulator takes (n, {acc.M}, {acc.M})")
     trilinear = acc.insertion == "trilinear"
     transforms, weights = slice_transforms(images, poses, npad=1 if trilinear else acc.npad, ctf=ctf,
-                                           apix_A=apix_A, single=backend is not None)
+                                           apix_A=apix_A, single=backend is not None,
+                                           xp=np if backend is None else backend.xp)
     if backend is None:
         (insert_transforms_trilinear if trilinear else insert_transforms)(acc, transforms, weights, poses,
                                                                           ctf=ctf is not None)
@@ -156,19 +157,22 @@ def insert(acc: FourierAccumulator, images: np.ndarray, poses: np.ndarray, *, ct
 
 
 def slice_transforms(images: np.ndarray, poses: np.ndarray, *, npad: int = 2, ctf: CTFParams | None = None,
-                     apix_A: float = 1.0, single: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+                     apix_A: float = 1.0, single: bool = False, xp=np):
     """The centred, shifted (and CTF-multiplied) padded image transforms that ``insert`` scatters (steps 1-4).
 
     Returns (transforms, weights): transforms complex128 (n, Np, Np // 2 + 1), ``np.fft.rfft2`` layout (ky rows in
     FFT order, kx = 0..Np/2 columns), phase origin at the image centre, cycles per padded box; weights float64
-    (n or 1, Np, Np // 2 + 1) = CTF^2, or None without CTF (weight 1).
+    (n or 1, Np, Np // 2 + 1) = CTF^2, or None without CTF (weight 1). npad = 1 gives the images' own M x M
+    transforms (any M), which trilinear insertion reads.
     single : compute in float32 / complex64 (what kernels/insert.cu reads) after the mean subtraction, at twice
         the speed; the default float64 is the reference.
+    xp : the array module the work runs on (numpy, or cupy and its FFTs: the images go up once, as float32 when
+        single, and the transforms stay there); poses and CTF parameters are read on the host.
     """
-    imgs = np.asarray(images)
+    imgs = images if xp is not np and not isinstance(images, np.ndarray) else np.asarray(images)
     if imgs.ndim != 3 or imgs.shape[1] != imgs.shape[2]:
-        raise ValueError(f"images must be square, shape (n, M, M); got {np.shape(images)}")
-    if np.iscomplexobj(imgs) or not np.issubdtype(imgs.dtype, np.number):
+        raise ValueError(f"images must be square, shape (n, M, M); got {tuple(imgs.shape)}")
+    if np.dtype(imgs.dtype).kind not in "fiu":
         raise TypeError(f"images must be a real array; got dtype {imgs.dtype}")
     n, m = imgs.shape[0], imgs.shape[1]
     p = as_poses(poses, n)
@@ -177,30 +181,40 @@ def slice_transforms(images: np.ndarray, poses: np.ndarray, *, npad: int = 2, ct
     check_ctf_arguments(ctf, n, apix_A)
     n_p = m * npad
     c = m // 2
-
-    # 1. subtract the mean outside the circle of radius M // 2 (SPARX average_circ_sub)
-    axis = np.arange(m) - c
-    outside = axis[:, None] ** 2 + axis[None, :] ** 2 > c * c
-    imgs = imgs.astype(np.float64)
-    if outside.any():
-        imgs = imgs - imgs[:, outside].mean(axis=1)[:, None, None]
-    # 2. pad with the image centre at padded index 0 (wrapping), so the transform is taken about the centre
     real, cplx = (np.float32, np.complex64) if single else (np.float64, np.complex128)
-    padded = np.zeros((n, n_p, n_p), real)
-    at = (np.arange(m) - c) % n_p
-    padded[:, at[:, None], at[None, :]] = imgs
-    spectrum = scipy.fft.rfft2(padded, workers=-1)
+
+    # 1. subtract the mean outside the circle of radius M // 2 (SPARX average_circ_sub), as a weighted sum (a
+    # boolean index would make a GPU wait for the size of its result)
+    axis = np.arange(m) - c
+    outside = (axis[:, None] ** 2 + axis[None, :] ** 2 > c * c).astype(np.float64)
+    imgs = xp.asarray(imgs, dtype=real).astype(np.float64)
+    if outside.any():
+        mean = (imgs * xp.asarray(outside)).sum(axis=(1, 2)) / float(outside.sum())
+        imgs = imgs - mean[:, None, None]
+    # 2. pad with the image centre at padded index 0 (wrapping), so the transform is taken about the centre
+    padded = xp.zeros((n, n_p, n_p), real)
+    padded[:, :m, :m] = imgs.astype(real)
+    padded = xp.roll(padded, (-c, -c), axis=(1, 2))
+    spectrum = _rfft2(xp, padded)
     # 3. the shift: translate by (+sx, +sy); separable, (n, Np, 1) then (n, 1, half), each made in float64
-    ky = np.fft.fftfreq(n_p, d=1.0 / n_p)[:, None]
-    kx = np.fft.rfftfreq(n_p, d=1.0 / n_p)[None, :]
-    spectrum *= np.exp(-2j * np.pi * ky * p[:, 4, None, None] / n_p).astype(cplx)
-    spectrum *= np.exp(-2j * np.pi * kx * p[:, 3, None, None] / n_p).astype(cplx)
-    # 4. the CTF, on the padded grid
+    ky = xp.asarray(np.fft.fftfreq(n_p, d=1.0 / n_p)[:, None])
+    kx = xp.asarray(np.fft.rfftfreq(n_p, d=1.0 / n_p)[None, :])
+    sx, sy = xp.asarray(p[:, 3, None, None]), xp.asarray(p[:, 4, None, None])
+    spectrum *= xp.exp(-2j * np.pi * ky * sy / n_p).astype(cplx)
+    spectrum *= xp.exp(-2j * np.pi * kx * sx / n_p).astype(cplx)
+    # 4. the CTF, on the grid of the transforms (evaluated on the host, one upload the size of the data)
     if ctf is None:
         return spectrum, None
-    ctf_values = ctf_grid(ctf, n_p, apix_A, half=True, dtype=real)
+    ctf_values = xp.asarray(ctf_grid(ctf, n_p, apix_A, half=True, dtype=real))
     spectrum *= ctf_values
     return spectrum, ctf_values * ctf_values
+
+
+def _rfft2(xp, a):
+    """rfft2 over the last two axes on xp: scipy's multi-threaded FFT on the host, xp.fft elsewhere."""
+    if xp is np:
+        return scipy.fft.rfft2(a, workers=-1)
+    return xp.fft.rfft2(a)
 
 
 def insert_transforms(acc: FourierAccumulator, transforms: np.ndarray, weights: np.ndarray | None,
@@ -361,8 +375,10 @@ def insert_sums(backend, transforms, weights, mates, samples, data, wsum, *, det
     _check_array("mates", mates, np.float64, (n, k, 3, 3), xp)
     s = samples.shape[0] if getattr(samples, "ndim", 0) == 1 else -1
     _check_array("samples", samples, np.int32, (s,), xp)
-    if s and (int(samples.min()) < 0 or int(samples.max()) >= plane[0] * plane[1]):
-        raise ValueError(f"samples must index one {plane} plane; got {int(samples.min())}..{int(samples.max())}")
+    samples_host = backend.to_host(samples)          # checked here, and the deterministic scales need it: one copy
+    if s and (int(samples_host.min()) < 0 or int(samples_host.max()) >= plane[0] * plane[1]):
+        raise ValueError(f"samples must index one {plane} plane; got {int(samples_host.min())}.."
+                         f"{int(samples_host.max())}")
     if n == 0 or k == 0 or s == 0:
         return
     has_w = weights is not None
@@ -380,7 +396,7 @@ def insert_sums(backend, transforms, weights, mates, samples, data, wsum, *, det
         launch(data, wsum, unused, unused, 0)
         return
     scale_v, scale_w = _shell_scales(xp, transforms, weights, samples, n_p, k, side=side,
-                                     reach=2 if trilinear else 1)
+                                     reach=2 if trilinear else 1, samples_host=samples_host)
     if scratch is None:
         scratch, scratch_w = new_scratch(backend, n_p)
     else:
@@ -406,7 +422,7 @@ def add(acc_a: FourierAccumulator, acc_b: FourierAccumulator) -> FourierAccumula
 
 
 def finish(acc: FourierAccumulator, *, weighting: bool | None = None,
-           regularisation: np.ndarray | None = None) -> np.ndarray:
+           regularisation: np.ndarray | None = None, backend=None) -> np.ndarray:
     """The real-space map from an accumulator (module docstring, finish steps 1-5); ``acc`` is not changed.
 
     weighting : nn4_ctf's neighbour-count correction; None (default) does as SPARX: on for CTF-weighted data
@@ -417,37 +433,51 @@ def finish(acc: FourierAccumulator, *, weighting: bool | None = None,
         the weights of the voxels with floor(|i|) = shell (:func:`wiener_regularisation`).
     Trilinear insertion is deapodised by dividing the map by sinc^2(pi d / Np) along each axis (the transform of the
     spreading kernel; d voxels from the centre), then centred and masked as ``circumfnn`` does.
-    Returns float64 (M, M, M), numpy order (z, y, x), centre voxel M // 2, zero outside radius M // 2.
+    backend : None when ``acc`` holds host arrays; else the Backend whose device holds them: the finish runs there
+        (nn4_ctf's neighbour weighting excepted: that accumulator is copied to the host first) and only the M^3 map
+        comes back.
+    Returns float64 (M, M, M) numpy array, numpy order (z, y, x), centre voxel M // 2, zero outside radius M // 2.
     """
     trilinear = acc.insertion == "trilinear"
     if weighting is None:
         weighting = bool(acc.ctf) and not trilinear
+    xp = np if backend is None else backend.xp
+    if weighting and xp is not np:        # the neighbour-count correction is written for the host (scipy.ndimage)
+        host = FourierAccumulator(backend.to_host(acc.data), backend.to_host(acc.weights), acc.M, acc.npad, acc.sym,
+                                  acc.snr, acc.ctf, acc.n_images, acc.insertion)
+        return finish(host, weighting=weighting, regularisation=regularisation)
     n_p, m = acc.Np, acc.M
     data = acc.data.copy()
     weights = acc.weights.copy()
-    _symplane0(data, weights)
+    _symplane0(data, weights, xp)
     filled = weights > 0
     if regularisation is None:
         osnr = 0.0 if acc.snr is None else 1.0 / acc.snr / (acc.npad ** 2 if trilinear else 1)
     else:
-        osnr = np.asarray(regularisation, np.float64)[_voxel_shells(n_p)[filled]]
-    scale = 1.0 / (weights[filled] + osnr)
+        osnr = xp.asarray(np.asarray(regularisation, np.float64))[_voxel_shells(n_p, xp)]
+    # voxels with weight 0 are left as they are (they hold 0): a where, not a boolean index (no device sync)
+    scale = xp.where(filled, 1.0 / xp.where(filled, weights + osnr, 1.0), 1.0)
     if weighting:
-        scale *= _neighbour_weights(weights)[filled]
-    data[filled] *= scale
-    padded = scipy.fft.irfftn(data, s=(n_p, n_p, n_p), axes=(0, 1, 2), workers=-1)
-    index = (np.arange(m) - m // 2) % n_p
-    vol = padded[np.ix_(index, index, index)]
+        scale *= np.where(filled, _neighbour_weights(weights), 1.0)
+    data *= scale
+    if xp is np:
+        padded = scipy.fft.irfftn(data, s=(n_p, n_p, n_p), axes=(0, 1, 2), workers=-1)
+    else:
+        padded = xp.fft.irfftn(data, s=(n_p, n_p, n_p), axes=(0, 1, 2))
+    index = xp.asarray((np.arange(m) - m // 2) % n_p)
+    vol = xp.take(xp.take(xp.take(padded, index, axis=0), index, axis=1), index, axis=2)
     if trilinear:
         d = np.abs(np.arange(m) - m // 2) * (np.pi / n_p)
-        sinc2 = np.where(d > 0, np.sin(d) / np.where(d > 0, d, 1.0), 1.0) ** 2
+        sinc2 = xp.asarray(np.where(d > 0, np.sin(d) / np.where(d > 0, d, 1.0), 1.0) ** 2)
         vol = vol / (sinc2[:, None, None] * sinc2[None, :, None] * sinc2[None, None, :])
-        return _circumfnn(vol, acc.npad, deapodise=False)
-    return _circumfnn(vol, acc.npad)
+        vol = _circumfnn(vol, acc.npad, deapodise=False, xp=xp)
+    else:
+        vol = _circumfnn(vol, acc.npad, xp=xp)
+    return vol if xp is np else backend.to_host(vol)
 
 
 def wiener_regularisation(acc_a: FourierAccumulator, acc_b: FourierAccumulator, *,
-                          fsc_range: tuple[float, float] = (1e-3, 0.999999)) -> np.ndarray:
+                          fsc_range: tuple[float, float] = (1e-3, 0.999999), backend=None) -> np.ndarray:
     """Per-shell Wiener terms from the data: what :func:`finish` adds to the weights instead of SPARX's 1 / snr.
 
     acc_a, acc_b : the two half-set accumulators (same M, npad, sym, insertion). In each shell sh = floor(|i|) of
@@ -456,26 +486,32 @@ def wiener_regularisation(acc_a: FourierAccumulator, acc_b: FourierAccumulator, 
     estimate sum CTF X / (sum CTF^2 + sigma^2 / |V|^2) with sigma^2 / |V|^2 = mean weight / SSNR. The same term
     suits the full map (its weights and its SSNR are both twice a half map's). The FSC is clipped to ``fsc_range``,
     so a shell without signal is damped hard but finitely, and nearly noise-free data are hardly regularised (the
-    role of RELION's tau^2). Returns float64 (n_shells,), the shells of :func:`_voxel_shells`.
+    role of RELION's tau^2). backend : as :func:`finish`. Returns float64 (n_shells,) numpy, the shells of
+    :func:`_voxel_shells`.
     """
     for name in ("M", "npad", "sym", "insertion"):
         if getattr(acc_a, name) != getattr(acc_b, name):
             raise ValueError(f"half-set accumulators with different {name}: {getattr(acc_a, name)!r} and "
                              f"{getattr(acc_b, name)!r}")
-    shells = _voxel_shells(acc_a.Np)
+    xp = np if backend is None else backend.xp
+    shells = _voxel_shells(acc_a.Np, xp)
+    n_shells = math.isqrt(3 * (acc_a.Np // 2) ** 2) + 1
     both = (acc_a.weights > 0) & (acc_b.weights > 0)
-    va = acc_a.data[both] / acc_a.weights[both]
-    vb = acc_b.data[both] / acc_b.weights[both]
-    sh = shells[both]
-    n_shells = int(shells.max()) + 1
-    cross = np.bincount(sh, (va * np.conj(vb)).real, n_shells)
-    pa = np.bincount(sh, np.abs(va) ** 2, n_shells)
-    pb = np.bincount(sh, np.abs(vb) ** 2, n_shells)
+    va = xp.where(both, acc_a.data / xp.where(both, acc_a.weights, 1.0), 0.0)      # 0 outside `both`
+    vb = xp.where(both, acc_b.data / xp.where(both, acc_b.weights, 1.0), 0.0)
+    sh = shells.ravel()
+
+    def per_shell(values):                      # one sum per shell, back on the host (n_shells numbers)
+        out = xp.bincount(sh, weights=values.ravel(), minlength=n_shells)
+        return np.asarray(out if xp is np else backend.to_host(out))[:n_shells]
+
+    cross = per_shell((va * xp.conj(vb)).real)
+    pa, pb = per_shell(xp.abs(va) ** 2), per_shell(xp.abs(vb) ** 2)
     denominator = np.sqrt(pa * pb)
     fsc = np.where(denominator > 0, cross / np.where(denominator > 0, denominator, 1.0), 0.0)
     fsc = np.clip(fsc, *fsc_range)
-    count = np.bincount(sh, None, n_shells)
-    mean_w = np.bincount(sh, 0.5 * (acc_a.weights[both] + acc_b.weights[both]), n_shells) / np.maximum(count, 1)
+    count = per_shell(both.astype(np.float64))
+    mean_w = per_shell(xp.where(both, 0.5 * (acc_a.weights + acc_b.weights), 0.0)) / np.maximum(count, 1)
     return mean_w * (1.0 - fsc) / fsc
 
 
@@ -511,11 +547,12 @@ def reconstruct_halves(images: np.ndarray, poses: np.ndarray, *, half: np.ndarra
 
 def accumulate_halves(images: np.ndarray, poses: np.ndarray, *, half: np.ndarray | None = None,
                       ctf: CTFParams | None = None, apix_A: float = 1.0, snr: float | None = 1.0, sym: str = "c1",
-                      npad: int = 2, chunk: int = 256, backend=None,
-                      insertion: str = "nn4") -> tuple[FourierAccumulator, FourierAccumulator]:
-    """The two half-set accumulators (host arrays) of :func:`reconstruct_halves`, before ``finish``: what an MPI
-    rank computes from its own particles (``half`` is then its slice of the global assignment) and
-    :func:`gpu_ali3d.parallel.reduce_accumulator` sums over ranks. Arguments as :func:`reconstruct_halves`."""
+                      npad: int = 2, chunk: int = 256, backend=None, insertion: str = "nn4",
+                      on_device: bool = False) -> tuple[FourierAccumulator, FourierAccumulator]:
+    """The two half-set accumulators of :func:`reconstruct_halves`, before ``finish``: what an MPI rank computes
+    from its own particles (``half`` is then its slice of the global assignment) and
+    :func:`gpu_ali3d.parallel.reduce_accumulator` sums over ranks. Arguments as :func:`reconstruct_halves`;
+    on_device : keep the grids on the backend's device (for :func:`finish` there) instead of host arrays."""
     n = len(images)
     if half is None:
         half = np.arange(n) % 2
@@ -524,12 +561,13 @@ def accumulate_halves(images: np.ndarray, poses: np.ndarray, *, half: np.ndarray
         raise ValueError(f"half must be an array of {n} values, each 0 or 1; got shape {half.shape} with values "
                          f"{np.unique(half)[:5]}")
     return tuple(_accumulate(images, poses, np.nonzero(half == h)[0], ctf=ctf, apix_A=apix_A, snr=snr, sym=sym,
-                             npad=npad, chunk=chunk, backend=backend, insertion=insertion) for h in (0, 1))
+                             npad=npad, chunk=chunk, backend=backend, insertion=insertion, on_device=on_device)
+                 for h in (0, 1))
 
 
 # ----------------------------------------------------------------------------------------------- helpers
 def _accumulate(images, poses, which: np.ndarray, *, ctf, apix_A, snr, sym, npad, chunk,
-                backend=None, insertion: str = "nn4") -> FourierAccumulator:
+                backend=None, insertion: str = "nn4", on_device: bool = False) -> FourierAccumulator:
     images = np.asarray(images)
     if images.ndim != 3 or images.shape[1] != images.shape[2]:
         raise ValueError(f"images must be square, shape (n, M, M); got {images.shape}")
@@ -537,16 +575,16 @@ def _accumulate(images, poses, which: np.ndarray, *, ctf, apix_A, snr, sym, npad
     check_ctf_arguments(ctf, len(images), apix_A)
     if not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise ValueError(f"chunk={chunk!r} must be a positive number of images")
-    acc = new_accumulator(images.shape[1], npad=npad, sym=sym, snr=snr, insertion=insertion)
+    acc = new_accumulator(images.shape[1], npad=npad, sym=sym, snr=snr, insertion=insertion,
+                          xp=np if backend is None else backend.xp)
     scratch = None
-    if backend is not None:                     # accumulate on the backend's device, one copy back at the end
-        acc.data, acc.weights = backend.xp.asarray(acc.data), backend.xp.asarray(acc.weights)
+    if backend is not None:                     # accumulate on the backend's device
         scratch = new_scratch(backend, acc.Np) if len(which) > chunk else None   # shared by the chunks
     for start in range(0, len(which), chunk):
         sel = which[start:start + chunk]
         part_ctf = None if ctf is None else (ctf if len(ctf) == 1 else ctf[sel])
         insert(acc, images[sel], poses[sel], ctf=part_ctf, apix_A=apix_A, backend=backend, scratch=scratch)
-    if backend is not None:
+    if backend is not None and not on_device:
         acc.data, acc.weights = backend.to_host(acc.data), backend.to_host(acc.weights)
     if ctf is not None:
         acc.ctf = True  # an empty half of a CTF data set still finishes as nn4_ctf
@@ -585,7 +623,7 @@ def _kept_samples(n_p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _shell_scales(xp, transforms, weights, samples, n_p: int, n_mates: int, *, side: int | None = None,
-                  reach: int = 1):
+                  reach: int = 1, samples_host: np.ndarray | None = None):
     """The power-of-two scales of the deterministic insert, per shell sh = floor(|i|) of voxel coordinates i.
 
     A sample at q (3-D grid units: q = (Np / side) k for a sample k of a side x side plane) reaches a voxel i with
@@ -593,40 +631,46 @@ def _shell_scales(xp, transforms, weights, samples, n_p: int, n_mates: int, *, s
     voxels of shell sh only receive samples with floor(|q|) in sh - reach .. sh + reach; B[sh] = n_mates * (sum of
     |value| over those samples of every image) bounds the sum of |contributions| to any voxel of the shell (each
     trilinear contribution is the value times a weight <= 1), and scale = 2^(51 - e) with B < 2^e keeps every
-    fixed-point partial sum below 2^52 (exact in float64). Returns (scale_v, scale_w): float64 (n_shells,) backend
-    arrays.
+    fixed-point partial sum below 2^52 (exact in float64). samples_host : a host copy of ``samples`` (needed when
+    xp is not numpy). Returns (scale_v, scale_w): float64 (n_shells,) backend arrays.
     """
     side = n_p if side is None else side
     n = transforms.shape[0]
     half = side // 2 + 1
     n_shells = math.isqrt(3 * (n_p // 2) ** 2) + 2
+    # The per-sample sums of |value| and |weight| are made on the device and come back as one (2, S) array (one
+    # sync); the shells of the samples and the bounds are host work on n_shells numbers; the scales go up.
+    on_host = np.asarray(samples) if xp is np else samples_host
+    samples_dev = samples if xp is not np else on_host
     _, kx, ky = _kept_samples(side)
     factor = (n_p // side) ** 2
-    r2 = xp.asarray((kx * kx + ky * ky).ravel() * factor)[samples]           # (S,) int64 |q|^2
-    bins = xp.floor(xp.sqrt(r2.astype(np.float64))).astype(np.int64)           # floor(|k|), made exact:
-    bins -= (bins * bins > r2).astype(np.int64)
-    bins += ((bins + 1) * (bins + 1) <= r2).astype(np.int64)
-    values = transforms.reshape(n, side * half)[:, samples]
+    r2 = (kx * kx + ky * ky).ravel()[on_host] * factor                        # (S,) int64 |q|^2
+    bins = np.floor(np.sqrt(r2.astype(np.float64))).astype(np.int64)           # floor(|q|), made exact:
+    bins -= (bins * bins > r2)
+    bins += ((bins + 1) * (bins + 1) <= r2)
+    values = transforms.reshape(n, side * half)[:, samples_dev]
     abs_v = xp.abs(values.astype(np.complex128)).sum(axis=0)                  # (S,) float64
     if weights is None:
-        abs_w = xp.full(samples.shape[0], float(n), np.float64)
+        abs_w = xp.full(on_host.shape[0], float(n), np.float64)
     else:
-        w = xp.abs(weights.reshape(weights.shape[0], side * half)[:, samples].astype(np.float64)).sum(axis=0)
+        w = xp.abs(weights.reshape(weights.shape[0], side * half)[:, samples_dev].astype(np.float64)).sum(axis=0)
         abs_w = w * (n if weights.shape[0] == 1 else 1)
+    both = xp.stack([abs_v, abs_w])
+    sums = both if xp is np else xp.asnumpy(both)
 
     def scales(per_sample):
-        a = xp.zeros(n_shells + 2 * reach, np.float64)
-        a[reach:n_shells + reach] = xp.bincount(bins, weights=per_sample, minlength=n_shells)[:n_shells] * n_mates
+        a = np.zeros(n_shells + 2 * reach, np.float64)
+        a[reach:n_shells + reach] = np.bincount(bins, weights=per_sample, minlength=n_shells)[:n_shells] * n_mates
         bound = a[:n_shells].copy()                                            # B[sh] = A[sh-reach] + .. + A[sh+reach]
         for j in range(1, 2 * reach + 1):
             bound += a[j:j + n_shells]
-        if not bool(xp.isfinite(bound).all()):
+        if not np.isfinite(bound).all():
             raise ValueError("the transforms or weights hold NaN or infinite values; check the input images and CTF")
-        _, e = xp.frexp(bound)                                                 # bound < 2^e
-        e = xp.where(bound > 0, xp.clip(51 - e, -1000, 1000), 0)
-        return xp.ascontiguousarray(xp.ldexp(xp.ones(n_shells), e.astype(np.int32)))
+        _, e = np.frexp(bound)                                                 # bound < 2^e
+        e = np.where(bound > 0, np.clip(51 - e, -1000, 1000), 0)
+        return xp.asarray(np.ascontiguousarray(np.ldexp(np.ones(n_shells), e.astype(np.int32))))
 
-    return scales(abs_v), scales(abs_w)
+    return scales(sums[0]), scales(sums[1])
 
 
 def _signed(n: int) -> np.ndarray:
@@ -635,21 +679,23 @@ def _signed(n: int) -> np.ndarray:
     return np.where(i < n // 2, i, i - n)
 
 
-def _symplane0(data: np.ndarray, weights: np.ndarray) -> None:
+def _symplane0(data, weights, xp=np) -> None:
     """SPARX ``symplane0``: make the kx = 0 plane Hermitian by summing each voxel with its Friedel mate, in place.
 
-    Only voxels with |ky|, |kz| < Np/2 (not the Nyquist row/column) and not the origin take part.
+    Only voxels with |ky|, |kz| < Np/2 (not the Nyquist row/column) and not the origin take part. data, weights:
+    arrays of xp.
     """
     n_p = data.shape[0]
-    mate = (-np.arange(n_p)) % n_p
+    mate = xp.asarray((-np.arange(n_p)) % n_p)
     plane, wplane = data[:, :, 0], weights[:, :, 0]
-    summed = plane + np.conj(plane[np.ix_(mate, mate)])
-    wsummed = wplane + wplane[np.ix_(mate, mate)]
+    summed = plane + xp.conj(xp.take(xp.take(plane, mate, axis=0), mate, axis=1))
+    wsummed = wplane + xp.take(xp.take(wplane, mate, axis=0), mate, axis=1)
     ok = np.arange(n_p) != n_p // 2
     sel = ok[:, None] & ok[None, :]
     sel[0, 0] = False
-    plane[sel] = summed[sel]
-    wplane[sel] = wsummed[sel]
+    sel = xp.asarray(sel)
+    data[:, :, 0] = xp.where(sel, summed, plane)
+    weights[:, :, 0] = xp.where(sel, wsummed, wplane)
 
 
 def _neighbour_weights(weights: np.ndarray) -> np.ndarray:
@@ -718,19 +764,20 @@ def _in_range(shifted: np.ndarray, lim: int) -> np.ndarray:
     return ok[:, None] & ok[None, :]
 
 
-def _voxel_shells(n_p: int) -> np.ndarray:
-    """floor(|i|) of every voxel of the (Np, Np, Np // 2 + 1) half grid (signed FFT-order coordinates): int64."""
-    f = np.fft.fftfreq(n_p, d=1.0 / n_p).astype(np.int64)
-    x = np.arange(n_p // 2 + 1, dtype=np.int64)
+def _voxel_shells(n_p: int, xp=np):
+    """floor(|i|) of every voxel of the (Np, Np, Np // 2 + 1) half grid (signed FFT-order coordinates): int64 xp
+    array, made where it is used (on a GPU nothing of the grid's size is uploaded)."""
+    f = xp.asarray(np.fft.fftfreq(n_p, d=1.0 / n_p).astype(np.int64))
+    x = xp.asarray(np.arange(n_p // 2 + 1, dtype=np.int64))
     r2 = f[:, None, None] ** 2 + f[None, :, None] ** 2 + x[None, None, :] ** 2
-    r = np.floor(np.sqrt(r2.astype(np.float64))).astype(np.int64)
-    r -= (r * r > r2)
-    r += ((r + 1) * (r + 1) <= r2)
+    r = xp.floor(xp.sqrt(r2.astype(np.float64))).astype(np.int64)
+    r -= (r * r > r2).astype(np.int64)
+    r += ((r + 1) * (r + 1) <= r2).astype(np.int64)
     return r
 
 
-def _circumfnn(vol: np.ndarray, npad: int, *, deapodise: bool = True) -> np.ndarray:
-    """SPARX ``circumfnn`` on an M^3 map (module docstring, finish step 5). Returns a new float64 array.
+def _circumfnn(vol, npad: int, *, deapodise: bool = True, xp=np):
+    """SPARX ``circumfnn`` on an M^3 map (module docstring, finish step 5). Returns a new float64 xp array.
     deapodise False: only the centring and masking (the caller has deapodised for its own insertion)."""
     m = vol.shape[0]
     c = m // 2
@@ -738,12 +785,13 @@ def _circumfnn(vol: np.ndarray, npad: int, *, deapodise: bool = True) -> np.ndar
     d = np.abs(np.arange(m) - c).astype(np.float64)
     arg = d * np.pi / (cor * m)
     sinc = np.where(d > 0, np.sin(arg) / np.where(d > 0, arg, 1.0), 1.0)
-    if not deapodise:
-        sinc = np.ones_like(sinc)
-    out = vol / (sinc[:, None, None] * sinc[None, :, None] * sinc[None, None, :])
+    if deapodise:
+        sinc = xp.asarray(sinc)
+        out = vol / (sinc[:, None, None] * sinc[None, :, None] * sinc[None, None, :])
+    else:
+        out = vol.copy()
     r2 = (d[:, None, None] ** 2 + d[None, :, None] ** 2 + d[None, None, :] ** 2)
     outer, inner = c * c, (c - 1) * (c - 1)
     shell = (r2 >= inner) & (r2 <= outer)
-    out -= out[shell].mean()
-    out[r2 > outer] = 0.0
-    return out
+    out -= (out * xp.asarray(shell)).sum() / float(shell.sum())     # the shell's mean, without a boolean index
+    return xp.where(xp.asarray(r2 > outer), 0.0, out)

@@ -3,8 +3,8 @@
 Per iteration and chunk (spec/local_ali3d.md): optionally centre the data (center -1), reconstruct two half maps
 and the full map (:mod:`gpu_ali3d.reconstruct`), FSC inside the mask (:mod:`gpu_ali3d.resolution`), prepare the
 reference with the user function (:mod:`gpu_ali3d.user_functions`), then refine the poses of the chunk's images
-by the batched simplex (:mod:`gpu_ali3d.simplex`) on the Fourier-space objective (:mod:`gpu_ali3d.score`,
-:mod:`gpu_ali3d.gridding`). The last iteration only reconstructs.
+(:mod:`gpu_ali3d.alignment`: one simplex per image, :mod:`gpu_ali3d.simplex`, on the Fourier-space objective,
+:mod:`gpu_ali3d.score`). The last iteration only reconstructs.
 
 Deliberate differences from SPARX, each stated where it happens: the simplex runs over all five parameters at
 once (SPARX: three angles, shifts by a CCF peak search inside each evaluation); the objective is evaluated in
@@ -26,24 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from . import parallel
-from .geometry import POSE_COLUMNS, angular_distance, euler_from_matrix, rotation_matrix, shift_distance
+from .alignment import _device_bytes_per_image, _prepared_bytes_per_image, align_poses, alignment_batch
+from .geometry import POSE_COLUMNS, angular_distance, rotation_matrix, shift_distance
 from .io.atomic import atomic_path
 from .io.formats import read_stack, read_volume, stack_format, write_stack, write_volume
 from .io.stack import ParticleStack
 from .options import RefineOptions
 
 log = logging.getLogger("gpu_ali3d")
-
-#: Host memory the prepared images of one alignment batch may take when --batch is 0 (auto).
-BATCH_MEMORY_BYTES = 1 << 30
-#: The images are compared with the reference's sections on their own M x M Fourier grid (as RELION does), not on
-#: SPARX's 2x zero-padded one: 4x fewer samples for the same correlation (score.prepare_images, image_pad).
-IMAGE_PAD = 1
-#: The objective leaves out the frequencies where the reference's tanh filter passes less than this fraction of
-#: the amplitude (:func:`alignment_band_limit`). Measured by bench/bench_band.py on 2,000 RELION-simulated particles
-#: (SNR 0.1, box 64, 2 iterations): 0.01, 0.05, 0.1 and 0.2 give the same median error (1.509, 1.508, 1.516, 1.517
-#: deg) in 13.8, 10.8, 10.1 and 9.9 s of alignment.
-BAND_LEVEL = 0.1
 
 
 @dataclass
@@ -275,7 +265,7 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
         from .backend import make_backend
         backend = make_backend(opts.device)
         parallel.select_device(backend, comm)   # one GPU per rank: node-local rank -> device
-        for module in ("score", "insert"):      # compile (or find in the cache) before the first iteration
+        for module in ("align", "insert"):      # compile (or find in the cache) before the first iteration
             backend.kernels.load(module)
     n, box, apix = len(stack), stack.box, stack.apix_A
     ou, mask, half, ctf = setup.ou, setup.mask, setup.half, setup.ctf
@@ -316,10 +306,10 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
                 old = poses[members].copy()
                 mine = members[(members >= lo) & (members < hi)]          # this rank's part of the chunk
                 t1 = time.perf_counter()
-                new, before, after, kmax, work = _align(images[mine - lo], poses[mine], volf,
-                                                        ctf[mine] if ctf is not None else None,
-                                                        apix, ou, opts, cutoff, falloff, backend, progress,
-                                                        f"iteration {iteration + 1}/{opts.maxit}")
+                new, before, after, kmax, work = align_poses(images[mine - lo], poses[mine], volf,
+                                                             ctf[mine] if ctf is not None else None,
+                                                             apix, ou, opts, cutoff, falloff, backend, progress,
+                                                             f"iteration {iteration + 1}/{opts.maxit}")
                 if comm.size > 1:       # blocks are contiguous and in rank order: concatenation is chunk order
                     new, before, after = (np.concatenate(comm.allgather(a)) for a in (new, before, after))
                     work = np.sum(comm.allgather(work), axis=0)
@@ -386,15 +376,20 @@ def _reference(images, poses, half, ctf, apix, mask, opts, user_function, backen
     if comm.size > 1:
         mine = slice(first, first + len(images))
         poses, half, ctf = poses[mine], half[mine], (None if ctf is None else ctf[mine])
+    # one rank: the accumulators stay on the device and are finished there (only the M^3 maps come back); several:
+    # host copies, summed over the ranks (DESIGN.md, MPI) and finished on rank 0's host
+    on_device = backend is not None and comm.size == 1
     accs = accumulate_halves(images, poses, half=half, ctf=ctf, apix_A=apix, snr=opts.snr, sym=opts.sym,
-                             npad=opts.npad, backend=backend, insertion=opts.insertion)
+                             npad=opts.npad, backend=backend, insertion=opts.insertion, on_device=on_device)
     accs = [parallel.reduce_accumulator(acc, comm) for acc in accs]       # None off rank 0
+    where = backend if on_device else None
 
     def prepare():
         # --snr: SPARX's constant; else per-shell Wiener terms from the half sets (reconstruct.wiener_regularisation)
-        lam = None if opts.snr is not None else wiener_regularisation(accs[0], accs[1])
-        even, odd = finish(accs[0], regularisation=lam), finish(accs[1], regularisation=lam)
-        full = finish(add(accs[0], accs[1]), regularisation=lam)
+        lam = None if opts.snr is not None else wiener_regularisation(accs[0], accs[1], backend=where)
+        even = finish(accs[0], regularisation=lam, backend=where)
+        odd = finish(accs[1], regularisation=lam, backend=where)
+        full = finish(add(accs[0], accs[1]), regularisation=lam, backend=where)
         curve = fsc_mask(even, odd, mask)
         tag = f"{iteration:03d}_{ic:03d}"
         with atomic_path(outdir / f"resolution{tag}", overwrite=True) as tmp:
@@ -421,74 +416,7 @@ def _reference(images, poses, half, ctf, apix, mask, opts, user_function, backen
     return volf, curve, tanh
 
 
-def _align(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, backend, progress, label):
-    """Refine the poses of some images against one reference: returns (new poses, score before, score after,
-    kmax in padded-grid units, [objective evaluations, simplex steps summed over the images]). backend None: numpy
-    reference objective; else the compiled kernel on its device (images, CTFs and the prepared reference are
-    converted once per batch; only poses and scores come back)."""
-    from tqdm import tqdm
-
-    from .gridding import prepare_reference
-    from .score import make_objective, prepare_images
-    from .simplex import SPARX_SERIAL, amoeba_batched, local_ali3d_scales
-
-    xp = np if backend is None else backend.xp
-    to_host = (lambda a: a) if backend is None else backend.to_host
-    ref = prepare_reference(volf, pad=2, interpolation=opts.interpolation)
-    kmax = ref.N * alignment_band_limit(cutoff, falloff, images.shape[-1])     # padded-grid units
-    if backend is not None:
-        from .kernels import kernel_reference
-        ref = kernel_reference(backend, ref, kmax=kmax)    # once per reference, cropped to the band; all batches
-                                                            # share the device copy
-    new = np.empty_like(poses)
-    work = np.zeros(2, dtype=np.int64)                 # evaluations, simplex steps
-    before = np.empty(len(poses))
-    after = np.empty(len(poses))
-    size = alignment_batch(len(poses), images.shape[-1], opts.batch,
-                           device_free=None if backend is None else backend.free_memory_bytes(),
-                           samples=int(np.pi * (kmax / ref.N * images.shape[-1]) ** 2 / 2) + 1)
-    batches = range(0, len(poses), size)
-    for start in tqdm(batches, desc=label, unit="batch", disable=not progress, leave=False):
-        sl = slice(start, min(start + size, len(poses)))
-        prep = prepare_images(images[sl], ou, ctf=ctf[np.arange(sl.start, sl.stop)] if ctf is not None else None,
-                              apix_A=apix, kmax=kmax, image_pad=IMAGE_PAD)
-        score_pairs = make_objective(ref, prep, backend=backend)
-
-        def objective(points, owner):
-            work[0] += points.shape[0]
-            return score_pairs(points, owner)
-
-        x0 = xp.asarray(poses[sl])
-        f0 = objective(x0, xp.arange(len(x0)))
-        scales = local_ali3d_scales(x0[:, 1], opts.delta, opts.ts, xp=xp)
-        best, fbest, steps = amoeba_batched(objective, x0, scales, xp=xp, **SPARX_SERIAL)
-        best, fbest, x0, f0, steps = (to_host(a) for a in (best, fbest, x0, f0, steps))
-        work[1] += int(steps.sum())
-        # keep the start where nothing better was found, as SPARX keeps the old parameters
-        worse = fbest < f0
-        best[worse], fbest[worse] = x0[worse], f0[worse]
-        new[sl], before[sl], after[sl] = normalise_poses(best), f0, fbest
-    return new, before, after, kmax, work
-
-
-def alignment_band_limit(cutoff: float, falloff: float, box: int) -> float:
-    """The highest frequency (cycles per pixel) the objective uses: where the reference's tanh low-pass (cut-off,
-    fall-off from the FSC) falls to :data:`BAND_LEVEL` (:func:`gpu_ali3d.resolution.tanl_band_limit`); at most
-    Nyquist (0.5) and at least 4 Fourier pixels (4 / box), so a failed fit cannot leave the simplex without
-    samples. As RELION, the search uses the current resolution only."""
-    from .resolution import tanl_band_limit
-
-    return float(min(0.5, max(4.0 / box, tanl_band_limit(cutoff, falloff, BAND_LEVEL))))
-
-
 # --------------------------------------------------------------------------------------------- pose helpers
-def normalise_poses(poses: np.ndarray) -> np.ndarray:
-    """Same rotations, angles brought to SPIDER's ranges (phi, psi in [0, 360), theta in [0, 180])."""
-    out = np.asarray(poses, dtype=np.float64).copy()
-    out[:, 0], out[:, 1], out[:, 2] = euler_from_matrix(rotation_matrix(out[:, 0], out[:, 1], out[:, 2]))
-    return out
-
-
 def centre_data(poses: np.ndarray) -> np.ndarray:
     """center = -1: remove the average 3-D centre of the data from every image's shift.
 
@@ -501,37 +429,6 @@ def centre_data(poses: np.ndarray) -> np.ndarray:
     out = poses.copy()
     out[:, 3:5] -= r @ t
     return out
-
-
-def alignment_batch(n: int, box: int, requested: int = 0, *, budget: int = BATCH_MEMORY_BYTES,
-                    device_free: int | None = None, samples: int | None = None) -> int:
-    """Images per batched-simplex call: ``requested`` if > 0, else as many as fit ``budget`` bytes of host memory
-    while they are prepared (:func:`_prepared_bytes_per_image`) and, on a GPU (``device_free``: its free bytes),
-    half of the free device memory for their kernel copy and simplex state (:func:`_device_bytes_per_image`,
-    ``samples`` kept Fourier samples per image; default all within Nyquist); at least 1."""
-    if requested > 0:
-        return min(requested, max(n, 1))
-    size = budget // _prepared_bytes_per_image(box)
-    if device_free is not None:
-        size = min(size, (device_free // 2) // _device_bytes_per_image(box, samples))
-    return max(1, min(n, size))
-
-
-def _device_bytes_per_image(box: int, samples: int | None = None) -> int:
-    """Device bytes per image of a batch: complex64 data and float32 CTF per kept sample (12 B; ``samples``, by
-    default about pi box^2 / 8, all within Nyquist of the M x M grid), the power, and the simplex of 6 vertices x 5
-    float64 with values, its reflections, expansions and shrinks and their (pose, owner, sums) kernel arguments
-    (about 2 KB)."""
-    s = int(np.pi * box * box / 8) if samples is None else int(samples)
-    return 12 * s + 2048
-
-
-def _prepared_bytes_per_image(box: int, image_pad: int = IMAGE_PAD) -> int:
-    """Peak host bytes per image in score.prepare_images: the L x L float64 image and its complex128 half
-    transform (L = image_pad * box; about 16 L^2 bytes), then complex128 data and float64 CTF per kept sample
-    (about pi L^2 / 8 samples within Nyquist)."""
-    side = image_pad * box
-    return 16 * side * side + 24 * int(np.pi * side * side / 8)
 
 
 def device_memory_estimate_bytes(n: int, box: int, opts: RefineOptions, device_free: int) -> int:

@@ -1,15 +1,11 @@
 // score.cu: the fused objective. For each (image, pose) pair, over the image's kept Fourier samples:
 // interpolate the prepared reference at R^T k, apply CTF and shift phase, correlate with the data.
 // The numpy reference is gpu_ali3d/score.py (_score_reference); this kernel returns its two sums, and the host
-// forms score = xy / sqrt(power[image] * pp) (0 where the denominator is 0).
+// forms score = xy / sqrt(power[image] * pp) (0 where the denominator is 0). The per-pair body is score.cuh's
+// score_pair, shared with align.cu (the whole simplex of an image in one block).
 #include "portable.cuh"
 #include "gridding.cuh"
-
-// Per-thread accumulator of the two sums (block_sum then reduces across threads).
-typedef double score_acc_t;
-// Largest |kx|, |ky| (padded-grid units) of a kept sample: the per-pair table of shift phases has 3 K + 2 entries
-// (the launch wrapper checks K = k_index <= SCORE_MAX_K; 1024 is Nyquist of a 1024-pixel box at pad 2).
-#define SCORE_MAX_K 1024
+#include "score.cuh"
 
 // KERNEL score: one block per (image, pose) pair (FOR_BLOCKS), threads over samples (FOR_THREADS).
 //
@@ -37,51 +33,18 @@ typedef double score_acc_t;
 //                sum_s w |P|^2] with P = F(R^T k) * exp(2 pi i (kx sx + ky sy) / N) * ctf; samples with
 //                |k| > E (E <= N/2, so also those beyond Nyquist) contribute P = 0 (as gridding.sample_reference
 //                for |k| > N/2).
-// The rotation is computed per pair from the angles, in float64; interpolation and products in float32, the sums
-// accumulated in float64 per thread (score_acc_t) and reduced with block_sum. The shift phase of a sample is the
-// product of two per-axis factors (gridding.cuh axis_phase), tabulated once per pair for kx in [0, K] and ky in
-// [-K, K]: 3 K + 2 sines and cosines per pair instead of one per sample.
+// Precision and the phase table: score.cuh score_pair.
 KERNEL void score(const cfloat *ref, int n, int halo, int extent, int taps, int kind,
                   const float *window, int window_size,
                   const float *freqs, const float *weights, int n_samples, int k_index,
                   const cfloat *data, const float *ctf, int has_ctf,
                   const double *poses, const long long *image_index, long long n_pairs, double *out) {
-    const kb_window w = make_kb_window(window, window_size, taps);
-    const ref_layout g = make_ref_layout(extent, halo);
-    const double reach2 = (double)extent * (double)extent;
-    const int kt = k_index;
+    const score_problem sp = make_score_problem(ref, n, halo, extent, taps, kind, window, window_size, freqs,
+                                                weights, n_samples, k_index, data, ctf, has_ctf);
     FOR_BLOCKS(p, n_pairs) {
-        BLOCK_SHARED(cfloat, phase, 3 * SCORE_MAX_K + 2);   // [0, K]: kx = 0..K; [K + 1, 3K + 1]: ky = -K..K
-        const double *q = poses + 5 * p;
-        double r[9];
-        rotation_zyz(q[0], q[1], q[2], r);
-        const double sx_n = q[3] / n, sy_n = q[4] / n;
-        FOR_THREADS(t, 3 * kt + 2) {
-            phase[t] = t <= kt ? axis_phase((double)t, sx_n) : axis_phase((double)(t - 2 * kt - 1), sy_n);
-        }
-        block_barrier();
-        const long long img = image_index[p];
-        const cfloat *x = data + img * (long long)n_samples;
-        const float *c = has_ctf ? ctf + img * (long long)n_samples : 0;
-        score_acc_t xy = 0, pp = 0;
-        FOR_THREADS(s, n_samples) {
-            const double kx = freqs[2 * s], ky = freqs[2 * s + 1];
-            cfloat v = cmake(0.0f, 0.0f);
-            if (kx * kx + ky * ky <= reach2) {
-                const double ux = r[0] * kx + r[3] * ky;     // u = R^T (kx, ky, 0)
-                const double uy = r[1] * kx + r[4] * ky;
-                const double uz = r[2] * kx + r[5] * ky;
-                const cfloat ph = cmul(phase[(int)kx], phase[2 * kt + 1 + (int)ky]);
-                v = cmul(interpolate_any(ref, g, taps, kind, &w, ux, uy, uz), ph);
-                if (has_ctf) v = cscale(v, c[s]);
-            }
-            const cfloat xs = x[s];
-            const float ws = weights[s];
-            xy += (score_acc_t)(ws * (xs.re * v.re + xs.im * v.im));
-            pp += (score_acc_t)(ws * cabs2(v));
-        }
-        xy = block_sum(xy);      // its barriers also keep the next pair from rewriting phase[] too early
-        pp = block_sum(pp);
+        BLOCK_SHARED(cfloat, phase, SCORE_PHASE_TABLE);   // [0, K]: kx = 0..K; [K + 1, 3K + 1]: ky = -K..K
+        double xy, pp;
+        score_pair(&sp, poses + 5 * p, image_index[p], phase, &xy, &pp);
         if (IS_LEADER) {
             out[2 * p] = xy;
             out[2 * p + 1] = pp;

@@ -6,7 +6,8 @@ import pytest
 
 from gpu_ali3d.geometry import angular_distance, rotation_matrix
 from gpu_ali3d.io.formats import read_stack
-from gpu_ali3d.refine import _chunks, _half_sets, centre_data, normalise_poses
+from gpu_ali3d.alignment import normalise_poses
+from gpu_ali3d.refine import _chunks, _half_sets, centre_data
 
 
 def test_centre_data_removes_a_global_3d_offset_exactly(rng, shared_data):
@@ -53,7 +54,7 @@ def test_half_sets_follow_random_subset(shared_data):
 
 
 def test_alignment_batch_fits_host_and_device_memory():
-    from gpu_ali3d.refine import _device_bytes_per_image, _prepared_bytes_per_image, alignment_batch
+    from gpu_ali3d.alignment import _device_bytes_per_image, _prepared_bytes_per_image, alignment_batch
 
     host = alignment_batch(10**6, 64)
     assert host == (1 << 30) // _prepared_bytes_per_image(64)
