@@ -97,7 +97,7 @@ def main(argv=None) -> int:
         rdir = dataset / "relion_bench"
         shutil.rmtree(rdir, ignore_errors=True)
         t0 = time.perf_counter()
-        _run(["bash", tools / "relion_local.sh", dataset, "relion_bench"], log=work / "relion.log")
+        _run(["bash", tools / "relion_local.sh", dataset, "relion_bench"], log=work / "relion.log", system_mpi=True)
         total = time.perf_counter() - t0
         its = sorted(rdir.glob("run_it[0-9][0-9][0-9]_data.star"))
         mtimes = [p.stat().st_mtime for p in its]
@@ -131,11 +131,18 @@ def _shown(path: Path) -> str:
     return str(path)
 
 
-def _run(cmd, *, log: Path) -> None:
+def _run(cmd, *, log: Path, system_mpi: bool = False) -> None:
+    """Run cmd with its output in log. system_mpi: without this environment's bin/ on PATH, so that RELION's
+    ``mpirun`` is the system MPI it was built with (Open MPI), not the MPICH wheel's launcher beside python."""
     cmd = [str(c) for c in cmd]
     print("+", " ".join(cmd), flush=True)
+    env = None
+    if system_mpi:
+        own = str(Path(sys.executable).parent)
+        env = dict(os.environ, PATH=os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                                                     if d and d != own))
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
 

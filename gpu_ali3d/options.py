@@ -17,6 +17,12 @@ INTERPOLATIONS = ("kb", "trilinear")
 _FUNCTION_RE = re.compile(r"^[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?$")
 
 
+#: The largest point group accepted (icos has 60 operators; beyond, cN/dN insert each image N or 2N times).
+MAX_SYMMETRY_ORDER = 120
+#: The largest --npad (8^3 times the box's voxels per accumulator already).
+MAX_NPAD = 8
+
+
 @dataclass(frozen=True)
 class RefineOptions:
     """Options of ``gpu-ali3d refine`` / ``local_ali3d`` (SPARX names).
@@ -79,12 +85,13 @@ class RefineOptions:
         _check_int("ou", self.ou)
         if self.ou != -1 and self.ou < 1:
             raise ValueError(f"--ou {self.ou}: the outer radius must be -1 (box // 2 - 2) or a positive number of pixels")
-        if not self.delta > 0:
+        if not (math.isfinite(self.delta) and self.delta > 0):
             raise ValueError(f"--delta {self.delta}: the angular bracket must be positive (degrees), e.g. --delta 2")
         if self.delta > 90:
             raise ValueError(f"--delta {self.delta}: local refinement needs a bracket <= 90 degrees")
-        if not self.ts >= 0:
-            raise ValueError(f"--ts {self.ts}: the shift bracket must be >= 0 pixels")
+        if not (math.isfinite(self.ts) and self.ts > 0):
+            raise ValueError(f"--ts {self.ts}: the shift bracket must be a positive number of pixels (the simplex "
+                             "steps the shifts by it; it refines all five parameters), e.g. --ts 2")
         _check_int("maxit", self.maxit)
         if self.maxit < 0:
             raise ValueError(f"--maxit {self.maxit}: the number of iterations must be >= 0")
@@ -97,14 +104,17 @@ class RefineOptions:
         from .reconstruct import INSERTIONS
         if self.insertion not in INSERTIONS:
             raise ValueError(f"--insertion {self.insertion!r}: expected one of {', '.join(INSERTIONS)}")
-        from .symmetry import parse_sym
-        parse_sym(self.sym)
+        from .symmetry import symmetry_order
+        if symmetry_order(self.sym) > MAX_SYMMETRY_ORDER:
+            raise ValueError(f"--sym {self.sym}: {symmetry_order(self.sym)} symmetry operators; at most "
+                             f"{MAX_SYMMETRY_ORDER} are supported (every image is inserted once per operator)")
         if not (_FUNCTION_RE.match(self.function) or _is_file_function(self.function)):
             raise ValueError(f"--function {self.function!r}: expected 'ref_ali3d', 'module:callable' (a module on "
                              "sys.path) or 'file.py:callable'")
         _check_int("npad", self.npad)
-        if self.npad < 1:
-            raise ValueError(f"--npad {self.npad}: the padding factor must be >= 1 (SPARX uses 2 or 4)")
+        if not 1 <= self.npad <= MAX_NPAD:
+            raise ValueError(f"--npad {self.npad}: the padding factor must be 1 to {MAX_NPAD} (SPARX uses 2 or 4; "
+                             "the Fourier accumulators grow as npad^3)")
         if self.device not in DEVICES:
             raise ValueError(f"--device {self.device!r}: expected one of {', '.join(DEVICES)}")
         _check_int("seed", self.seed)

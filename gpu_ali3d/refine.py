@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -97,8 +98,13 @@ def local_ali3d(stack, outdir, maskfile=None, *, options: RefineOptions | None =
         parallel.on_root(comm, lambda: _create_outdir(outdir, opts, source_path, maskfile,
                                                       stack.poses if opts.write_headers else None))
         state = _State(poses=stack.poses.copy())
-        return _with_log(outdir, lambda: _run(stack, source_path, outdir, opts, setup, state, progress, comm=comm),
-                         comm)
+        try:
+            return _with_log(outdir, lambda: _run(stack, source_path, outdir, opts, setup, state, progress,
+                                                  comm=comm), comm)
+        except BaseException:
+            if comm.rank == 0:
+                _remove_if_unstarted(outdir)
+            raise
 
 
 def continue_local_ali3d(outdir, *, progress: bool = True) -> RefineResult:
@@ -204,6 +210,13 @@ def _create_outdir(outdir: Path, opts: RefineOptions, source_path, maskfile, ori
     if original_poses is not None:
         _write_params(outdir / PREVIOUS_POSES, original_poses, overwrite=False)
     _save_job(outdir, opts, source_path, maskfile)
+
+
+def _remove_if_unstarted(outdir: Path) -> None:
+    """A run that fails (or is interrupted) before its first checkpoint has nothing to resume: remove the outdir
+    it created, so that the same command can simply be run again. One with a checkpoint is kept for --continue."""
+    if outdir.is_dir() and not (outdir / CHECKPOINT).exists():
+        shutil.rmtree(outdir, ignore_errors=True)
 
 
 def _check_headers_writable(source_path) -> None:
@@ -371,6 +384,7 @@ def _reference(images, poses, half, ctf, apix, mask, opts, user_function, backen
     final: the last reconstruction of the run; its maps are also written as map.mrc and map_filtered.mrc."""
     from .reconstruct import accumulate_halves, add, finish, wiener_regularisation
     from .resolution import fit_tanh, fsc_mask, fsc_text
+    from .user_functions import call_user_function
 
     comm = parallel.SerialComm() if comm is None else comm
     if comm.size > 1:
@@ -395,8 +409,8 @@ def _reference(images, poses, half, ctf, apix, mask, opts, user_function, backen
         with atomic_path(outdir / f"resolution{tag}", overwrite=True) as tmp:
             tmp.write_text(fsc_text(curve))
         write_volume(outdir / f"vol{tag}.hdf", full.astype(np.float32), apix, overwrite=True)
-        volf, _centre = user_function([mask, opts.center if opts.center == 1 else 0, full, curve])
-        volf = np.asarray(volf, dtype=np.float64)
+        volf, _centre = call_user_function(user_function, opts.function,
+                                           [mask, opts.center if opts.center == 1 else 0, full, curve], full.shape[0])
         write_volume(outdir / f"volf{tag}.hdf", volf.astype(np.float32), apix, overwrite=True)
         if final:           # the result as MRC too, for ChimeraX, RELION and the rest
             write_volume(outdir / "map.mrc", full.astype(np.float32), apix, overwrite=True)
@@ -462,7 +476,15 @@ def _mask(maskfile, box: int, ou: int) -> np.ndarray:
     mask, _ = read_volume(maskfile)
     if mask.shape != (box,) * 3:
         raise ValueError(f"{maskfile}: mask of shape {mask.shape} does not fit the {box}-pixel box")
-    return mask.astype(np.float64)
+    mask = mask.astype(np.float64)
+    if not np.isfinite(mask).all():
+        raise ValueError(f"{maskfile}: the mask has NaN or infinite voxels")
+    inside = mask > 0.5
+    if inside.all() or not inside.any():
+        raise ValueError(f"{maskfile}: the mask is {'empty' if not inside.any() else 'full'} (every voxel "
+                         f"{'<=' if not inside.any() else '>'} 0.5); the FSC and the reference need a mask with an "
+                         "inside and an outside")
+    return mask
 
 
 def _half_sets(stack: ParticleStack) -> np.ndarray:

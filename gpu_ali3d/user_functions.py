@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -114,6 +115,42 @@ def load_user_function(spec: str) -> Callable:
     if not callable(func):
         raise ValueError(f"--function {spec!r}: {source}.{name} is a {type(func).__name__}, not a callable")
     return func
+
+
+def call_user_function(func: Callable, spec: str, ref_data: list, box: int) -> tuple[np.ndarray, object]:
+    """Call a user function as refine does (``func(ref_data)``) and check what it returns.
+
+    Returns (volume float64 (box, box, box), centre). Whatever goes wrong inside the user's code (an exception,
+    ``sys.exit``) becomes one ValueError naming ``--function spec``, the exception and where in the user's file it
+    was raised; a return value that is not ``(volume, centre)`` with a finite volume of the box's shape is refused
+    with the same kind of message. KeyboardInterrupt passes through (the user asked to stop).
+    """
+    try:
+        out = func(ref_data)
+    except KeyboardInterrupt:
+        raise
+    except SystemExit as exc:
+        raise ValueError(f"--function {spec}: the function called sys.exit({exc.code!r}); a user function must "
+                         "return (volume, centre)") from None
+    except BaseException as exc:
+        if func is BUILTIN.get(spec) and isinstance(exc, ValueError):
+            raise                                      # the built-in's own messages name it already
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        raise ValueError(f"--function {spec} raised {type(exc).__name__}: {exc} (at {Path(where.filename).name} "
+                         f"line {where.lineno})") from None
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise ValueError(f"--function {spec} returned {type(out).__name__}"
+                         f"{'' if not isinstance(out, (tuple, list)) else f' of length {len(out)}'}; it must "
+                         "return (volume, centre)")
+    try:
+        volume = np.asarray(out[0], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"--function {spec}: its volume is a {type(out[0]).__name__}, not an array") from None
+    if volume.shape != (box, box, box):
+        raise ValueError(f"--function {spec} returned a volume of shape {volume.shape}; expected ({box}, {box}, {box})")
+    if not np.isfinite(volume).all():
+        raise ValueError(f"--function {spec} returned a volume with NaN or infinite voxels")
+    return volume, out[1]
 
 
 def _module_from_file(spec: str, path: Path):
