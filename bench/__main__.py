@@ -11,7 +11,9 @@ side), collects their JSON and writes ``bench/results/suite_<host>.json`` and ``
   peak memory (bench_scaling.py);
 * ``relion``: accuracy on RELION-simulated particles and the peer comparison with RELION 3.1's local
   auto-refine when RELION is installed (bench_relion.py; needs ``../shared``);
-* ``mpi``: strong scaling under mpiexec and the communication model (bench_mpi.py; needs mpi4py).
+* ``mpi``: strong scaling under mpiexec and the communication model (bench_mpi.py; needs mpi4py);
+* ``gpu_model``: the predicted GPU time per iteration from the strict stand-in's counts, beside the measured CPU
+  time, extrapolated to 100,000 particles (bench_gpu_model.py).
 
 A section that cannot run here (no RELION, no mpi4py) is skipped with its reason in the report.
 ``--quick`` runs small versions (about 5 minutes instead of about 20 on 2 cores). Running some ``--sections``
@@ -34,11 +36,12 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("score", "scaling", "relion", "mpi")
+SECTIONS = ("score", "scaling", "relion", "mpi", "gpu_model")
 
-FULL = {"score": [], "scaling": [], "relion": [], "mpi": ["--n", "2000", "--box", "64"]}
+FULL = {"score": [], "scaling": [], "relion": [], "mpi": ["--n", "2000", "--box", "64"], "gpu_model": []}
 QUICK = {"score": ["--boxes", "64", "--min-seconds", "1"], "scaling": ["--n", "500", "1000", "--boxes", "64"],
-         "relion": ["--n", "500", "--interpolation", "trilinear"], "mpi": ["--n", "150", "--box", "48"]}
+         "relion": ["--n", "500", "--interpolation", "trilinear"], "mpi": ["--n", "150", "--box", "48"],
+         "gpu_model": ["--boxes", "64"]}
 
 
 def main(argv=None) -> int:
@@ -171,6 +174,17 @@ def _md_relion(r: dict) -> list[str]:
     return [f"RELION-simulated 70S ribosome particles ({Path(r['dataset']).name}), start "
             f"{s0['angle_deg']['median']:.2f} deg / {s0['shift_px']['median']:.2f} px; median errors from "
             f"shared/tools/score.py (gauge removed), after {r['iterations']} iterations.", ""] + bench_relion.table(r)
+
+
+def _md_gpu_model(r: dict) -> list[str]:
+    import bench_gpu_model
+
+    g = r["gpu"]
+    return [f"Predicted GPU seconds per iteration ({g['name']}, {g['hbm'] / 1e12:.2f} TB/s; launch "
+            f"{r['model']['launch_s'] * 1e6:.0f} us, sync {r['model']['sync_s'] * 1e6:.0f} us, PCIe "
+            f"{r['model']['pcie_bytes_per_s'] / 1e9:.0f} GB/s) from the stand-in's counts of "
+            f"`refine --CTF` ({r['interpolation']}), first iteration; measured sizes and the fit's "
+            f"{r['target_n']:,} particles.", "", bench_gpu_model.table(r["rows"] + r["targets"])]
 
 
 def _md_mpi(r: dict) -> list[str]:

@@ -84,7 +84,8 @@ def align_poses(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, backe
     return new, before, after, kmax, work
 
 
-def align_kernel(backend, kref, kimg, x0, scales, *, ftol: float, xtol: float, itmax: int):
+def align_kernel(backend, kref, kimg, x0, scales, *, ftol: float, xtol: float, itmax: int,
+                 check_scales: bool = True):
     """Launch kernels/align.cu: the whole amoeba (:mod:`gpu_ali3d.simplex` rules) of every image in one launch.
 
     kref : :class:`gpu_ali3d.kernels.KernelReference` (cropped to at least the images' samples); kimg :
@@ -92,38 +93,16 @@ def align_kernel(backend, kref, kimg, x0, scales, *, ftol: float, xtol: float, i
     x0 : float64 (n, 5), C-contiguous, backend array: start poses phi, theta, psi (degrees), sx, sy (pixels).
     scales : float64 (n, 5), C-contiguous, backend array: initial steps (:func:`gpu_ali3d.simplex.local_ali3d_scales`),
         finite and nonzero. ftol, xtol, itmax : as :func:`gpu_ali3d.simplex.amoeba_scalar`.
+    check_scales : read the scales' validity back from the device (one sync); callers that made and checked them
+        on the host (:func:`_align_fused`) pass False.
 
     Returns backend arrays ``(x_best, f_best, steps, evals, f0)``: float64 (n, 5) best pose (x0 where it scores
     worse than x0), float64 (n,) its score, int64 (n,) completed steps, int64 (n,) objective evaluations (the 6
     initial vertices included), float64 (n,) the score at x0. The scores are score.py's normalised correlation.
-    One check reads the scales' validity back from the device (one sync per batch).
+    All five are views of one device buffer (:func:`_launch_align`), so the batch's results come back in one copy.
     """
-    from .kernels import _check_array, check_kernel_inputs
-    from .simplex import _check_controls
-
-    xp = backend.xp
-    check_kernel_inputs(kref, kimg, xp)
-    n = len(kimg)
-    _check_array("x0", x0, np.float64, (n, POSE_DIM), xp)
-    _check_array("scales", scales, np.float64, (n, POSE_DIM), xp)
-    _check_controls(ftol, xtol, itmax)
-    if n and not bool(xp.all(xp.isfinite(scales) & (scales != 0.0))):
-        raise ValueError("scales must be finite and nonzero (the convergence test divides by them); make them "
-                         "with simplex.local_ali3d_scales from a positive delta and ts")
-    x_best = xp.empty((n, POSE_DIM), dtype=np.float64)
-    f_best = xp.empty(n, dtype=np.float64)
-    f0 = xp.empty(n, dtype=np.float64)
-    steps = xp.empty(n, dtype=np.int64)
-    evals = xp.empty(n, dtype=np.int64)
-    n_s = kimg.data.shape[1]
-    ctf = kimg.ctf if kimg.ctf is not None else kimg.weights         # not read when has_ctf = 0
-    backend.kernels.launch("align", "align", n, [
-        kref.data, np.int32(kref.N), np.int32(kref.halo), np.int32(kref.extent), np.int32(kref.taps),
-        np.int32(kref.kind), kref.window, np.int32(kref.window.shape[0] - 1), kimg.freqs, kimg.weights,
-        np.int32(n_s), np.int32(kimg.k_index), kimg.data, ctf, np.int32(kimg.ctf is not None), kimg.power,
-        x0, scales, np.int64(n), np.float64(ftol), np.float64(xtol), np.int64(itmax),
-        x_best, f_best, f0, steps, evals])
-    return x_best, f_best, steps, evals, f0
+    return _unpack_results(_launch_align(backend, kref, kimg, x0, scales, ftol=ftol, xtol=xtol, itmax=itmax,
+                                         check_scales=check_scales), len(kimg))
 
 
 def alignment_band_limit(cutoff: float, falloff: float, box: int) -> float:
@@ -159,17 +138,72 @@ def normalise_poses(poses: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------- helpers
 def _align_fused(backend, kref, prep, poses, opts):
-    """One batch through kernels/align.cu; host arrays (best, fbest, f0, evaluations, steps) come back."""
+    """One batch through kernels/align.cu; host arrays (best, fbest, f0, evaluations, steps) come back.
+
+    What a GPU pays per batch (tests/test_gpu_budget.py): the prepared images' upload (:func:`kernel_images`), one
+    upload of the start poses and scales (made and checked on the host, where the poses are), one launch, and one
+    copy back of the packed results: one sync."""
     from .kernels import kernel_images
     from .simplex import SPARX_SERIAL, local_ali3d_scales
 
     xp = backend.xp
     kimg = kernel_images(backend, prep)
-    x0 = xp.ascontiguousarray(xp.asarray(poses, dtype=np.float64))
-    scales = local_ali3d_scales(x0[:, 1], opts.delta, opts.ts, xp=xp)
-    best, fbest, steps, evals, f0 = align_kernel(backend, kref, kimg, x0, scales, **SPARX_SERIAL)
-    best, fbest, f0, steps, evals = (backend.to_host(a) for a in (best, fbest, f0, steps, evals))
+    x0 = np.ascontiguousarray(poses, dtype=np.float64)
+    scales = local_ali3d_scales(x0[:, 1], opts.delta, opts.ts)
+    _check_scales_host(scales)
+    start = xp.asarray(np.stack([x0, scales]))              # (2, n, 5): one copy; [0] and [1] are C-contiguous
+    packed = _launch_align(backend, kref, kimg, start[0], start[1], check_scales=False, **SPARX_SERIAL)
+    best, fbest, steps, evals, f0 = _unpack_results(backend.to_host(packed), len(kimg))
     return best, fbest, f0, int(evals.sum()), int(steps.sum())
+
+
+def _launch_align(backend, kref, kimg, x0, scales, *, ftol, xtol, itmax, check_scales=True):
+    """The launch of :func:`align_kernel`, its results in one float64 device buffer of 9 n values
+    (:func:`_unpack_results`): x_best (5 n), f_best, f0, then steps and evals as int64 bit patterns."""
+    from .kernels import INTERP_ENTRY, _check_array, check_kernel_inputs, phase_table_bytes
+    from .simplex import _check_controls
+
+    xp = backend.xp
+    check_kernel_inputs(kref, kimg, xp)
+    n = len(kimg)
+    _check_array("x0", x0, np.float64, (n, POSE_DIM), xp)
+    _check_array("scales", scales, np.float64, (n, POSE_DIM), xp)
+    _check_controls(ftol, xtol, itmax)
+    if check_scales and n and not bool(xp.all(xp.isfinite(scales) & (scales != 0.0))):
+        raise ValueError(_BAD_SCALES)
+    packed = xp.empty(_RESULT_WIDTH * n, dtype=np.float64)
+    x_best, f_best, steps, evals, f0 = _unpack_results(packed, n)
+    n_s = kimg.data.shape[1]
+    ctf = kimg.ctf if kimg.ctf is not None else kimg.weights         # not read when has_ctf = 0
+    backend.kernels.launch("align", f"align_{INTERP_ENTRY[kref.kind]}", n, [
+        kref.data, np.int32(kref.N), np.int32(kref.halo), np.int32(kref.extent), np.int32(kref.taps),
+        kref.window, np.int32(kref.window.shape[0] - 1), kimg.freqs, kimg.weights,
+        np.int32(n_s), np.int32(kimg.k_index), kimg.data, ctf, np.int32(kimg.ctf is not None), kimg.power,
+        x0, scales, np.int64(n), np.float64(ftol), np.float64(xtol), np.int64(itmax),
+        x_best, f_best, f0, steps, evals], shared_mem=phase_table_bytes(kimg.k_index))
+    return packed
+
+
+#: float64 values per image in :func:`_launch_align`'s buffer: pose (5), f_best, f0, steps, evals.
+_RESULT_WIDTH = POSE_DIM + 4
+_BAD_SCALES = ("scales must be finite and nonzero (the convergence test divides by them); make them with "
+               "simplex.local_ali3d_scales from a positive delta and ts")
+
+
+def _unpack_results(packed, n: int):
+    """(x_best (n, 5), f_best, steps, evals, f0): C-contiguous views of a packed result buffer, on whichever side
+    (device or host) it is; steps and evals are the int64 views of their float64 slots."""
+    d = POSE_DIM * n
+    x_best = packed[:d].reshape(n, POSE_DIM)
+    f_best, f0 = packed[d:d + n], packed[d + n:d + 2 * n]
+    steps = packed[d + 2 * n:d + 3 * n].view(np.int64)
+    evals = packed[d + 3 * n:d + 4 * n].view(np.int64)
+    return x_best, f_best, steps, evals, f0
+
+
+def _check_scales_host(scales: np.ndarray) -> None:
+    if scales.size and not np.all(np.isfinite(scales) & (scales != 0.0)):
+        raise ValueError(_BAD_SCALES)
 
 
 def _align_reference(ref, prep, poses, opts):

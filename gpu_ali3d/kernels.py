@@ -6,8 +6,9 @@ inlines them (recursively, each header once) into one string, which is what ever
 * CPU: :func:`cpu_build` runs ``c++ -O3 -fopenmp -shared -fPIC -x c++`` on that string and caches the library
   as ``<cache>/<key>.so``, key = sha256(source + flags + compiler version + target), written under a temporary
   name and renamed atomically, readable by every user (mode 0755, folders too). cache = ``$GPU_ALI3D_CACHE`` or ``~/.cache/gpu-ali3d`` (``$XDG_CACHE_HOME``).
-* GPU: :func:`gpu_module` hands the same string to ``cupy.RawModule`` with :data:`NVRTC_OPTIONS` and compiles it
-  at once (at :meth:`KernelSet.load`), so an NVRTC error names the kernel file before any work.
+* GPU: :func:`gpu_module` hands the same string to ``cupy.RawModule`` with the module's options
+  (:func:`nvrtc_options`: :data:`NVRTC_OPTIONS`, or :data:`NVRTC_OPTIONS_FAST` for the objective's kernels) and
+  compiles it at once (at :meth:`KernelSet.load`), so an NVRTC error names the kernel file before any work.
 * CI (no GPU): :func:`nvcc_check` compiles it with ``nvcc --ptx`` and :func:`nvrtc_check` through
   ``cupy.cuda.nvrtc`` with the same options a GPU would use.
 
@@ -52,6 +53,13 @@ CPU_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-x", "c++")
 #: --fmad=false: no contraction of a*b + c into fma, which the CPU build (baseline x86-64) does not do either, so
 #: both targets round alike (a sample falls into the same voxel, a score agrees to the last bits).
 NVRTC_OPTIONS = ("--std=c++17", "-DGPU_ALI3D_CUDA=1", "--fmad=false")
+#: The options of the objective's kernels (score.cu, align.cu: :data:`FAST_MODULES`): fused multiply-add allowed.
+#: Their results are compared with the CPU build's at float tolerances (tests/test_kernels.py), never bitwise, and
+#: both kernels inline the same objective (score.cuh), so contraction moves a score's last bits on the GPU only.
+#: The insertion keeps :data:`NVRTC_OPTIONS`: its deterministic mode needs the CPU's voxel choices and sums bitwise.
+NVRTC_OPTIONS_FAST = ("--std=c++17", "-DGPU_ALI3D_CUDA=1", "--fmad=true")
+#: Kernel files built with :data:`NVRTC_OPTIONS_FAST` (every other with :data:`NVRTC_OPTIONS`).
+FAST_MODULES = frozenset({"score", "align"})
 #: Mode of a cached CPU library and of the cache folders this module creates: readable by every user.
 CACHE_FILE_MODE, CACHE_DIR_MODE = 0o755, 0o755
 #: Threads per block of every GPU launch (a multiple of 32, as block_sum requires).
@@ -74,6 +82,13 @@ def kernel_source(name: str, kernel_dir: str | os.PathLike | None = None) -> str
         available = sorted(p.stem for p in folder.glob("*.cu"))
         raise FileNotFoundError(f"no kernel source {path}; kernels in {folder}: {available}")
     return _inline(path, folder, set())
+
+
+def nvrtc_options(name: str) -> tuple:
+    """The NVRTC options of kernel file ``<name>.cu`` (what cupy.RawModule gets, and CI's NVRTC and nvcc checks):
+    :data:`NVRTC_OPTIONS_FAST` for :data:`FAST_MODULES`, else :data:`NVRTC_OPTIONS`. The CPU build is the same for
+    both (the host compiler contracts nothing: ISO C++ mode and baseline x86-64, :data:`CPU_FLAGS`)."""
+    return NVRTC_OPTIONS_FAST if name in FAST_MODULES else NVRTC_OPTIONS
 
 
 def cache_dir() -> Path:
@@ -136,7 +151,7 @@ def cpu_build(name: str, kernel_dir=None, cache=None) -> ctypes.CDLL:
 
 @lru_cache(maxsize=None)
 def gpu_module(name: str, kernel_dir=None):
-    """``cupy.RawModule`` of kernel file ``<name>.cu`` (same inlined source, :data:`NVRTC_OPTIONS`), compiled now.
+    """``cupy.RawModule`` of kernel file ``<name>.cu`` (same inlined source, :func:`nvrtc_options`), compiled now.
 
     CuPy compiles a RawModule lazily, at its first ``get_function``; this compiles it at once, so an error surfaces
     when the kernels are loaded, before any work. One module per (name, kernel_dir) for the life of the process
@@ -145,11 +160,12 @@ def gpu_module(name: str, kernel_dir=None):
     import cupy  # lazy: the GPU path only
     from cupy.cuda.compiler import CompileException
     path = (Path(kernel_dir) if kernel_dir is not None else KERNEL_DIR) / f"{name}.cu"
-    module = cupy.RawModule(code=kernel_source(name, kernel_dir), options=NVRTC_OPTIONS)
+    options = nvrtc_options(name)
+    module = cupy.RawModule(code=kernel_source(name, kernel_dir), options=options)
     try:
         module.compile()
     except CompileException as err:
-        raise RuntimeError(f"NVRTC failed on kernel file {path} (options {' '.join(NVRTC_OPTIONS)}):\n"
+        raise RuntimeError(f"NVRTC failed on kernel file {path} (options {' '.join(options)}):\n"
                            f"{err.get_message()}") from err
     except Exception as err:       # no CUDA headers, no NVRTC library, no device: CuPy's own message
         hint = (" (CuPy finds the CUDA headers in the NVIDIA wheels: pip install 'gpu-ali3d[cuda12]', or "
@@ -171,7 +187,7 @@ def nvcc_check(name: str, arch: str = "sm_80", kernel_dir=None) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         src, ptx = Path(tmp) / f"{name}.cu", Path(tmp) / f"{name}.ptx"
         src.write_text(source)
-        proc = subprocess.run([nvcc, "--ptx", f"-arch={arch}", *NVRTC_OPTIONS, str(src), "-o", str(ptx)],
+        proc = subprocess.run([nvcc, "--ptx", f"-arch={arch}", *nvrtc_options(name), str(src), "-o", str(ptx)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"nvcc failed on kernel {name!r} for {arch}:\n{proc.stderr}")
@@ -179,7 +195,8 @@ def nvcc_check(name: str, arch: str = "sm_80", kernel_dir=None) -> str:
 
 
 def nvrtc_check(name: str, arch: str = "compute_80", kernel_dir=None) -> bytes:
-    """Compile with NVRTC through ``cupy.cuda.nvrtc`` and :data:`NVRTC_OPTIONS` (what cupy.RawModule would do).
+    """Compile with NVRTC through ``cupy.cuda.nvrtc`` and the module's :func:`nvrtc_options` (what cupy.RawModule
+    would do).
 
     Needs cupy and an NVRTC library, not a GPU. Returns the PTX.
     """
@@ -188,7 +205,7 @@ def nvrtc_check(name: str, arch: str = "compute_80", kernel_dir=None) -> bytes:
     prog = nvrtc.createProgram(source, f"{name}.cu", [], [])
     try:
         try:
-            nvrtc.compileProgram(prog, [*NVRTC_OPTIONS, f"--gpu-architecture={arch}"])
+            nvrtc.compileProgram(prog, [*nvrtc_options(name), f"--gpu-architecture={arch}"])
         except nvrtc.NVRTCError as err:
             raise RuntimeError(f"NVRTC failed on kernel {name!r} for {arch}:\n{nvrtc.getProgramLog(prog)}") from err
         return nvrtc.getPTX(prog)
@@ -223,12 +240,14 @@ class KernelSet:
         else:
             raise ValueError(f"target={self.target!r}; expected 'cpu' or 'gpu'")
 
-    def launch(self, module: str, kernel: str, n_blocks: int, args) -> None:
+    def launch(self, module: str, kernel: str, n_blocks: int, args, shared_mem: int = 0) -> None:
         """Run ``kernel`` of ``<module>.cu`` over ``n_blocks`` blocks (FOR_BLOCKS items).
 
         args : the kernel's arguments in order, each an array of the backend's array module (C-contiguous, dtype
         already checked by the caller's wrapper) or a numpy scalar (np.int32, np.int64, np.float32, np.float64)
         whose type is the C parameter's type.
+        shared_mem : bytes of dynamic shared memory per block (portable.cuh DYNAMIC_SHARED) of a GPU launch; the
+        CPU build sizes its arrays from the kernel's own arguments and ignores it.
         """
         if n_blocks <= 0:
             return
@@ -238,13 +257,14 @@ class KernelSet:
         elif self.target == "gpu":
             fn = _gpu_function(module, kernel, self.kernel_dir)
             grid = (int(min(n_blocks, GPU_MAX_BLOCKS)),)
-            fn(grid, (GPU_THREADS,), tuple(args))
+            fn(grid, (GPU_THREADS,), tuple(args), shared_mem=int(shared_mem))
         else:
             raise ValueError(f"target={self.target!r}; expected 'cpu' or 'gpu'")
 
 
 # ----------------------------------------------------------------------------------------------- score.cu
-#: PreparedReference.interpolation -> the kernel's `kind` argument (kernels/gridding.cuh).
+#: PreparedReference.interpolation -> KernelReference.kind (kernels/gridding.cuh INTERP_KB, INTERP_TRILINEAR),
+#: which picks the objective kernels' entry point (:data:`INTERP_ENTRY`).
 INTERP_KINDS = {"kb": 0, "trilinear": 1}
 #: Limit of kernels/gridding.cuh: MAX_TAPS.
 MAX_TAPS = 16
@@ -252,6 +272,14 @@ MAX_TAPS = 16
 KB_TABLE_SIZE = 4096
 #: Limit of kernels/score.cu: the largest |kx|, |ky| of a sample (SCORE_MAX_K, the size of its phase table).
 SCORE_MAX_K = 1024
+#: INTERP_KINDS value -> suffix of the objective kernels' entry points (score_kb, align_trilinear, ...).
+INTERP_ENTRY = {0: "kb", 1: "trilinear"}
+
+
+def phase_table_bytes(k_index: int) -> int:
+    """Dynamic shared memory per block of score.cu and align.cu: the shift-phase table for samples up to
+    max |kx|, |ky| = k_index, 3 k_index + 2 complex64 (kernels/score.cuh score_phase_entries)."""
+    return (3 * int(k_index) + 2) * np.dtype(np.complex64).itemsize
 
 
 @dataclass(frozen=True)
@@ -391,10 +419,11 @@ def score_sums(backend, kref: KernelReference, kimg: KernelImages, poses, image_
     if check_index and n and (int(image_index.min()) < 0 or int(image_index.max()) >= n_img):
         raise ValueError(f"image_index out of range [0, {n_img}): {int(image_index.min())}..{int(image_index.max())}")
     ctf = kimg.ctf if kimg.ctf is not None else kimg.weights         # not read when has_ctf = 0
-    backend.kernels.launch("score", "score", n, [
+    backend.kernels.launch("score", f"score_{INTERP_ENTRY[kref.kind]}", n, [
         kref.data, np.int32(kref.N), np.int32(kref.halo), np.int32(kref.extent), np.int32(kref.taps),
-        np.int32(kref.kind), kref.window, np.int32(kref.window.shape[0] - 1), kimg.freqs, kimg.weights, np.int32(n_s), np.int32(kimg.k_index), kimg.data, ctf,
-        np.int32(kimg.ctf is not None), poses, image_index, np.int64(n), out])
+        kref.window, np.int32(kref.window.shape[0] - 1), kimg.freqs, kimg.weights, np.int32(n_s),
+        np.int32(kimg.k_index), kimg.data, ctf, np.int32(kimg.ctf is not None), poses, image_index, np.int64(n),
+        out], shared_mem=phase_table_bytes(kimg.k_index))
     return out
 
 

@@ -37,6 +37,17 @@ What is counted (:class:`Counts`), one event per call, approximating what CuPy d
   scalar conversions).
 * ``sites``: for each kind of event, a Counter of the user-code lines (``file:line function``, the first frame
   outside this module) that caused it, e.g. ``counts.top("sync")``; ``kernels``: launches per custom kernel name.
+* ``device_bytes``: an estimate of the device memory traffic of the library launches (everything but the custom
+  kernels): the bytes of a launch's array operands plus those of its result (a gather or a join: twice its
+  result). ``fft_bytes``: the part of it that FFTs read and write (input plus output). A GPU's time for these
+  launches is about ``device_bytes / HBM bandwidth`` (the FFTs: a few passes more; bench/bench_gpu_model.py).
+* ``device_s``: seconds the host spent executing the device's work here (custom kernels, library operations, FFTs):
+  a run's wall time minus this is its host-side time, which a GPU would not shorten. ``device_cpu_s``: the same
+  in the calling thread's CPU time (``time.thread_time``), which other processes' load does not inflate.
+* ``kernel_calls``: one entry per custom-kernel launch, ``(name, blocks, args)`` with each argument's
+  ``(dtype.str, shape)`` (a device array) or value (a numpy scalar), from which a model derives the kernel's work
+  (samples x evaluations, samples x images x mates, ...). ``fft_calls``: one entry per FFT, ``(function, input
+  (dtype.str, shape), output (dtype.str, shape))``.
 
 Deliberately stricter than CuPy (each a place where CuPy would silently copy or compute a wrong answer):
 ``d[...] = numpy_array`` and numpy-array indices are refused (CuPy copies them to the device implicitly: write
@@ -51,12 +62,16 @@ bytes of the live device arrays.
 
 Custom kernels: :class:`RawModule` takes the same ``code`` and ``options`` as ``cupy.RawModule`` (what
 :func:`gpu_ali3d.kernels.gpu_module` would compile with NVRTC: the inlined source and
-:data:`gpu_ali3d.kernels.NVRTC_OPTIONS`; both are kept on the module to check) and runs the CPU build of that same
+the module's :func:`gpu_ali3d.kernels.nvrtc_options`; both are kept on the module to check) and runs the CPU build of that same
 source (:func:`gpu_ali3d.kernels.cpu_build`, the content-hash cache the CPU backend uses). ``fn(grid, block, args)``
 checks the launch configuration, unwraps device arrays to their buffers and calls the OpenMP build: one launch.
 :class:`StandinKernelSet` is :class:`gpu_ali3d.kernels.KernelSet`'s GPU launch path over it.
 
 Nothing is global: every :func:`make_standin` is a fresh module with its own counts and devices.
+
+A whole refinement: :func:`profile_local_ali3d` runs ``local_ali3d(..., device="gpu")`` over a stand-in (while
+:func:`serving_gpu` makes ``make_backend("gpu")`` return it) and cuts its counts per iteration and per alignment
+(tests/test_gpu_budget.py asserts budgets on them; bench/bench_gpu_model.py turns them into a GPU time).
 """
 from __future__ import annotations
 
@@ -64,9 +79,11 @@ import copy as _copy
 import os
 import sys
 import tempfile
+import time
 import types
 import weakref
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,7 +107,8 @@ class Counts:
 
     ``snapshot()`` copies; ``counts - snapshot`` is what happened since; ``reset()`` zeroes in place.
     sites : kind ("launch", "sync", "h2d", "d2h", "mixing") -> Counter of call sites (h2d/d2h: bytes).
-    kernels : custom kernel name -> launches.
+    kernels : custom kernel name -> launches. kernel_calls : (name, blocks, argument (dtype, shape) or values) per
+    launch. fft_calls : (function, input (dtype, shape), output (dtype, shape)) per FFT.
     """
 
     launches: int = 0
@@ -100,23 +118,32 @@ class Counts:
     h2d_copies: int = 0
     d2h_copies: int = 0
     mixing_errors: int = 0
+    device_bytes: int = 0
+    fft_bytes: int = 0
+    device_s: float = 0.0
+    device_cpu_s: float = 0.0
     sites: dict = field(default_factory=lambda: {k: Counter() for k in _KINDS})
     kernels: Counter = field(default_factory=Counter)
+    kernel_calls: list = field(default_factory=list)
+    fft_calls: list = field(default_factory=list)
 
-    _SCALAR_FIELDS = ("launches", "syncs", "h2d_bytes", "d2h_bytes", "h2d_copies", "d2h_copies", "mixing_errors")
+    _SCALAR_FIELDS = ("launches", "syncs", "h2d_bytes", "d2h_bytes", "h2d_copies", "d2h_copies", "mixing_errors",
+                      "device_bytes", "fft_bytes", "device_s", "device_cpu_s")
 
     def snapshot(self) -> "Counts":
         return _copy.deepcopy(self)
 
     def reset(self) -> None:
         fresh = Counts()
-        for name in self._SCALAR_FIELDS + ("sites", "kernels"):
+        for name in self._SCALAR_FIELDS + ("sites", "kernels", "kernel_calls", "fft_calls"):
             setattr(self, name, getattr(fresh, name))
 
     def __sub__(self, other: "Counts") -> "Counts":
         out = Counts(**{n: getattr(self, n) - getattr(other, n) for n in self._SCALAR_FIELDS})
         out.sites = {k: self.sites[k] - other.sites[k] for k in _KINDS}
         out.kernels = self.kernels - other.kernels
+        out.kernel_calls = self.kernel_calls[len(other.kernel_calls):]     # other: an earlier snapshot of self
+        out.fft_calls = self.fft_calls[len(other.fft_calls):]
         return out
 
     def top(self, kind: str = "sync", n: int = 5) -> list[tuple[str, int]]:
@@ -128,7 +155,7 @@ class Counts:
 
     def summary(self, n_sites: int = 3) -> str:
         """One line of totals, then the top sites of syncs and mixing errors."""
-        lines = [" ".join(f"{k}={v}" for k, v in self.as_dict().items())]
+        lines = [" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.as_dict().items())]
         for kind in ("sync", "mixing"):
             for site, count in self.top(kind, n_sites):
                 lines.append(f"  {kind:6s} {count:6d}  {site}")
@@ -270,7 +297,7 @@ class ndarray:  # noqa: N801 - the name CuPy gives it (host code writes isinstan
         key, advanced, masked = self._xp._index(key)
         out = self._a[key]
         if advanced:
-            self._xp._launch()
+            self._xp._launch(nbytes=2 * out.nbytes)
             if masked:
                 self._xp._sync(0)
             return self._xp._wrap(out)
@@ -283,7 +310,8 @@ class ndarray:  # noqa: N801 - the name CuPy gives it (host code writes isinstan
         xp._check_device(self)
         key, _advanced, masked = xp._index(key)
         value = xp._operand(value)
-        xp._launch()
+        region = self._a[key] if not _advanced else value
+        xp._launch(nbytes=np.asarray(region).nbytes + (value.nbytes if isinstance(value, np.ndarray) else 0))
         if masked:
             xp._sync(0)
         self._a[key] = value
@@ -454,7 +482,11 @@ class RawKernel:
                            "scalars whose type is the C parameter's (np.int32, np.int64, np.float32, np.float64)")
         xp._launch()
         xp.counts.kernels[self.name] += 1
+        xp.counts.kernel_calls.append((self.name, int(np.prod(grid)), tuple(
+            (a.dtype.str, tuple(a.shape)) if isinstance(a, ndarray) else a.item() for a in args)))
+        t0, c0 = time.perf_counter(), time.thread_time()
         self._fn(*c_args)
+        xp._timed(t0, c0)
 
 
 def _dims(what, dims) -> tuple:
@@ -468,7 +500,7 @@ def _dims(what, dims) -> tuple:
 class StandinKernelSet(_kernels.KernelSet):
     """:class:`gpu_ali3d.kernels.KernelSet` with target "gpu" whose RawModules come from a stand-in ``xp``.
 
-    load / launch do what KernelSet's GPU branch does (the inlined source with NVRTC_OPTIONS into a RawModule,
+    load / launch do what KernelSet's GPU branch does (the inlined source with nvrtc_options into a RawModule,
     compiled eagerly at load; grid ``min(n_blocks, GPU_MAX_BLOCKS)`` blocks of GPU_THREADS), over ``xp.RawModule``.
     """
 
@@ -479,17 +511,18 @@ class StandinKernelSet(_kernels.KernelSet):
         modules = self.xp._raw_modules
         if key not in modules:
             modules[key] = self.xp.RawModule(code=_kernels.kernel_source(name, self.kernel_dir),
-                                             options=_kernels.NVRTC_OPTIONS).compile()
+                                             options=_kernels.nvrtc_options(name)).compile()
         return modules[key]
 
     def load(self, module: str) -> None:
         self.module(module)
 
-    def launch(self, module: str, kernel: str, n_blocks: int, args) -> None:
+    def launch(self, module: str, kernel: str, n_blocks: int, args, shared_mem: int = 0) -> None:
         if n_blocks <= 0:
             return
         fn = self.module(module).get_function(kernel)
-        fn((int(min(n_blocks, _kernels.GPU_MAX_BLOCKS)),), (_kernels.GPU_THREADS,), tuple(args))
+        fn((int(min(n_blocks, _kernels.GPU_MAX_BLOCKS)),), (_kernels.GPU_THREADS,), tuple(args),
+           shared_mem=int(shared_mem))
 
 
 # ----------------------------------------------------------------------------------------------------- module
@@ -570,9 +603,12 @@ class Standin(types.ModuleType):
         self.RawModule = lambda code, options=(), **kw: RawModule(self, code, options)
 
     # bookkeeping --------------------------------------------------------------------------------------------
-    def _launch(self, n: int = 1) -> None:
+    def _launch(self, n: int = 1, nbytes: int = 0, fft: bool = False) -> None:
         self.counts.launches += n
         self.counts._event("launch", n)
+        self.counts.device_bytes += int(nbytes)
+        if fft:
+            self.counts.fft_bytes += int(nbytes)
 
     def _sync(self, d2h_bytes: int) -> None:
         self.counts.syncs += 1
@@ -581,6 +617,10 @@ class Standin(types.ModuleType):
             self.counts.d2h_bytes += int(d2h_bytes)
             self.counts.d2h_copies += 1
             self.counts._event("d2h", int(d2h_bytes))
+
+    def _timed(self, t0: float, c0: float) -> None:
+        self.counts.device_s += time.perf_counter() - t0
+        self.counts.device_cpu_s += time.thread_time() - c0
 
     def _h2d(self, nbytes: int) -> None:
         self.counts.h2d_bytes += int(nbytes)
@@ -609,8 +649,9 @@ class Standin(types.ModuleType):
             self._arrays[id(arr)] = arr
         return arr
 
-    def _launched(self, out):
-        self._launch()
+    def _launched(self, out, in_bytes: int = 0, fft: bool = False):
+        self._launch(nbytes=in_bytes + sum(o.nbytes for o in (out if isinstance(out, tuple) else (out,))
+                                           if isinstance(o, (np.ndarray, np.generic))), fft=fft)
         return self._wrap(out)
 
     def _check_device(self, a: ndarray) -> None:
@@ -653,9 +694,13 @@ class Standin(types.ModuleType):
                 out.append(k)
         return (tuple(out) if isinstance(key, tuple) else out[0]), advanced, masked
 
-    def _call(self, fn, *arrays):
+    def _call(self, fn, *arrays, fft: bool = False):
         """fn over the buffers of device arrays: one launch, device result."""
-        return self._launched(fn(*(self._operand(a) for a in arrays)))
+        buffers = [self._operand(a) for a in arrays]
+        t0, c0 = time.perf_counter(), time.thread_time()
+        out = fn(*buffers)
+        self._timed(t0, c0)
+        return self._launched(out, sum(b.nbytes for b in buffers if isinstance(b, np.ndarray)), fft=fft)
 
     def _ufunc(self, ufunc, method, inputs, kwargs):
         args = [self._operand(x) for x in inputs]
@@ -667,8 +712,11 @@ class Standin(types.ModuleType):
             for o in out:
                 self._check_device(o)
             kwargs["out"] = tuple(o._a for o in out)
+        t0, c0 = time.perf_counter(), time.thread_time()
         result = getattr(ufunc, method)(*args, **kwargs)
-        self._launch()
+        self._timed(t0, c0)
+        results = kwargs["out"] if out is not None else (result if isinstance(result, tuple) else (result,))
+        self._launch(nbytes=sum(a.nbytes for a in list(args) + list(results) if isinstance(a, np.ndarray)))
         if out is not None:
             return out[0] if len(out) == 1 else out
         return self._wrap(result)
@@ -793,10 +841,12 @@ class Standin(types.ModuleType):
 
     # joins, gathers, scans ----------------------------------------------------------------------------------
     def concatenate(self, arrays, axis=0, dtype=None):
-        return self._launched(np.concatenate(self._arrays_in(arrays, "concatenate"), axis=axis, dtype=dtype))
+        parts = self._arrays_in(arrays, "concatenate")
+        return self._launched(np.concatenate(parts, axis=axis, dtype=dtype), sum(a.nbytes for a in parts))
 
     def stack(self, arrays, axis=0):
-        return self._launched(np.stack(self._arrays_in(arrays, "stack"), axis=axis))
+        parts = self._arrays_in(arrays, "stack")
+        return self._launched(np.stack(parts, axis=axis), sum(a.nbytes for a in parts))
 
     def repeat(self, a, repeats, axis=None):
         return self._call(lambda x: np.repeat(x, repeats, axis), a)
@@ -823,7 +873,9 @@ class Standin(types.ModuleType):
         return self._call(lambda x, y: np.searchsorted(x, y, side), a, v)
 
     def einsum(self, subscripts, *operands, **kwargs):
-        return self._launched(np.einsum(subscripts, *(self._operand(o) for o in operands), **kwargs))
+        buffers = [self._operand(o) for o in operands]
+        return self._launched(np.einsum(subscripts, *buffers, **kwargs),
+                              sum(b.nbytes for b in buffers if isinstance(b, np.ndarray)))
 
     def dot(self, a, b):
         return self._call(np.dot, a, b)
@@ -940,9 +992,18 @@ class _FFT:
 
         self._xp = xp
         for name in ("fft", "ifft", "fft2", "ifft2", "fftn", "ifftn", "rfft", "irfft", "rfft2", "irfft2", "rfftn",
-                     "irfftn", "hfft", "ihfft", "fftshift", "ifftshift"):
+                     "irfftn", "hfft", "ihfft"):
+            setattr(self, name, lambda a, *args, _fn=getattr(scipy.fft, name), **kwargs: self._transform(
+                _fn, a, args, kwargs))
+        for name in ("fftshift", "ifftshift"):
             fn = getattr(scipy.fft, name)
             setattr(self, name, lambda a, *args, _fn=fn, **kwargs: xp._call(lambda x: _fn(x, *args, **kwargs), a))
+
+    def _transform(self, fn, a, args, kwargs):
+        out = self._xp._call(lambda x: fn(x, *args, **kwargs), a, fft=True)
+        self._xp.counts.fft_calls.append((fn.__name__, (a.dtype.str, tuple(a.shape)),
+                                          (out.dtype.str, tuple(out.shape))))
+        return out
 
     def fftfreq(self, n, d=1.0):
         return self._xp._launched(np.fft.fftfreq(n, d))
@@ -964,3 +1025,94 @@ def _cuda_namespace(xp: Standin) -> types.SimpleNamespace:
 def make_standin(n_devices: int = 1, memory_bytes: int = 16 * 2**30) -> Standin:
     """A fresh stand-in "cupy": ``n_devices`` devices of ``memory_bytes`` each, zeroed counts (module docstring)."""
     return Standin(n_devices=n_devices, memory_bytes=memory_bytes)
+
+
+# ------------------------------------------------------------------------------------------ a refinement's counts
+@contextmanager
+def serving_gpu(xp: Standin):
+    """While active, ``gpu_ali3d.backend.make_backend("gpu")`` returns a stand-in backend over ``xp``
+    (:func:`gpu_ali3d.backend.make_standin_backend`), so ``local_ali3d(..., device="gpu")`` runs its GPU host path
+    here; every other name is served as usual."""
+    from . import backend as backend_module
+
+    real = backend_module.make_backend
+
+    def make_backend(name: str = "auto", *, kernel_dir=None):
+        if name == "gpu":
+            return backend_module.make_standin_backend(xp, kernel_dir=kernel_dir)
+        return real(name, kernel_dir=kernel_dir)
+
+    backend_module.make_backend = make_backend
+    try:
+        yield xp
+    finally:
+        backend_module.make_backend = real
+
+
+@dataclass
+class RefineProfile:
+    """What :func:`profile_local_ali3d` measured: the run's result and its counts, cut where the work begins.
+
+    setup : the counts before the first reconstruction (kernel loads, memory queries).
+    iterations : one :class:`Counts` per reconstruction (per iteration and chunk: ``local_ali3d`` reconstructs,
+        then aligns; the counts run from one reconstruction's start to the next one's, so the entry of an
+        iteration holds its reconstructions, FSC, reference and alignment; the last entry, the final
+        reconstruction, has no alignment). wall_s : the wall time of each. host_cpu_s : the calling thread's
+        CPU time in each minus its ``device_cpu_s``: the host-side work, free of other processes' load.
+    alignments : the counts of each ``alignment.align_poses`` call (one per iteration and chunk but the last),
+        also contained in ``iterations``. batches : the alignment kernel's launches in each (one per batch; kernels
+        of kernels/align.cu, whose names start with "align").
+    devices_used : ``xp.devices_used`` at the end (the device each ``select_device`` made current).
+    """
+
+    result: object
+    setup: Counts
+    iterations: list
+    wall_s: list
+    host_cpu_s: list
+    alignments: list
+    batches: list
+    devices_used: list
+
+
+def profile_local_ali3d(stack, outdir, *, xp: Standin | None = None, **options) -> RefineProfile:
+    """``local_ali3d(stack, outdir, device="gpu", progress=False, **options)`` on the stand-in ``xp`` (default a
+    fresh one device :func:`make_standin`), with the counts cut per iteration and per alignment
+    (:class:`RefineProfile`). The cuts wrap ``refine._reference`` and ``refine.align_poses`` for the duration of
+    the call (restored after). Under mpiexec each rank profiles its own part."""
+    from . import refine
+
+    xp = make_standin() if xp is None else xp
+    marks, alignments = [], []
+    real_reference, real_align = refine._reference, refine.align_poses
+
+    def reference(*args, **kwargs):
+        marks.append((xp.counts.snapshot(), time.perf_counter(), time.thread_time()))
+        return real_reference(*args, **kwargs)
+
+    def align(*args, **kwargs):
+        before = xp.counts.snapshot()
+        out = real_align(*args, **kwargs)
+        alignments.append(xp.counts - before)
+        return out
+
+    options.setdefault("progress", False)
+    refine._reference, refine.align_poses = reference, align
+    try:
+        with serving_gpu(xp):
+            result = refine.local_ali3d(stack, outdir, device="gpu", **options)
+    finally:
+        refine._reference, refine.align_poses = real_reference, real_align
+    marks.append((xp.counts.snapshot(), time.perf_counter(), time.thread_time()))
+    iterations = [b[0] - a[0] for a, b in zip(marks, marks[1:])]
+    wall = [b[1] - a[1] for a, b in zip(marks, marks[1:])]
+    host_cpu = [max(0.0, (b[2] - a[2]) - c.device_cpu_s) for a, b, c in zip(marks, marks[1:], iterations)]
+    return RefineProfile(result=result, setup=marks[0][0] if marks else xp.counts.snapshot(), iterations=iterations,
+                         wall_s=wall, host_cpu_s=host_cpu, alignments=alignments,
+                         batches=[_align_launches(a) for a in alignments],
+                         devices_used=list(xp.devices_used))
+
+
+def _align_launches(counts: Counts) -> int:
+    """Launches of kernels/align.cu's entry points (``align``, or one per interpolation: ``align_kb``, ...)."""
+    return sum(v for name, v in counts.kernels.items() if name == "align" or name.startswith("align_"))

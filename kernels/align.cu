@@ -49,10 +49,11 @@ struct amoeba_state {
 };
 
 // The objective at x for image img: score.cuh's two sums and score_value (the host's formula).
+template <int KIND>
 DEVICE double align_objective(const score_problem *sp, const double *x, long long img, double power,
-                              cfloat *phase) {
+                              double *rot, cfloat *phase) {
     double xy, pp;
-    score_pair(sp, x, img, phase, &xy, &pp);
+    score_pair<KIND>(sp, x, img, rot, phase, &xy, &pp);
     return score_value(xy, pp, power);
 }
 
@@ -192,8 +193,9 @@ DEVICE void amoeba_finish(const amoeba_state *a, const double *x0, double *x_out
     *evals_out = a->evals;
 }
 
-// KERNEL align: one block per image (FOR_BLOCKS over n_images), threads over its samples (FOR_THREADS) in every
-// evaluation. Blocks are independent: images may be aligned in any order or split over launches.
+// KERNEL align_kb, align_trilinear: one block per image (FOR_BLOCKS over n_images), threads over its samples
+// (FOR_THREADS) in every evaluation; one entry point per interpolation (as score.cu's), the same arguments.
+// Blocks are independent: images may be aligned in any order or split over launches.
 //
 //   ref ... has_ctf   the reference, samples and images exactly as score.cu's arguments of the same names
 //                     (complex64 reference (D, D, Dx), float32 (S, 2) freqs, float32 (S,) weights, complex64
@@ -210,30 +212,32 @@ DEVICE void amoeba_finish(const amoeba_state *a, const double *x0, double *x_out
 //   f0           float64 (n_images,), written: the score at x0.
 //   steps        int64 (n_images,), written: completed simplex steps (== itmax: the limit was hit).
 //   evals        int64 (n_images,), written: objective evaluations, the 6 initial vertices included.
-// Shared memory per block: the objective's phase table (score.cuh, SCORE_PHASE_TABLE cfloat) and the simplex
-// (amoeba_state, about 0.5 KB).
-KERNEL void align(const cfloat *ref, int n, int halo, int extent, int taps, int kind,
-                  const float *window, int window_size,
-                  const float *freqs, const float *weights, int n_samples, int k_index,
-                  const cfloat *data, const float *ctf, int has_ctf, const double *power,
-                  const double *x0, const double *scales, long long n_images,
-                  double ftol, double xtol, long long itmax,
-                  double *x_best, double *f_best, double *f0, long long *steps, long long *evals) {
-    const score_problem sp = make_score_problem(ref, n, halo, extent, taps, kind, window, window_size, freqs,
+// Shared memory per block: dynamic, the objective's phase table (score.cuh score_phase_entries(k_index) cfloat,
+// kernels.phase_table_bytes); static, the simplex (amoeba_state, about 0.5 KB), the rotation and block_sum's sums.
+template <int KIND>
+DEVICE void align_images(const cfloat *ref, int n, int halo, int extent, int taps,
+                         const float *window, int window_size,
+                         const float *freqs, const float *weights, int n_samples, int k_index,
+                         const cfloat *data, const float *ctf, int has_ctf, const double *power,
+                         const double *x0, const double *scales, long long n_images,
+                         double ftol, double xtol, long long itmax,
+                         double *x_best, double *f_best, double *f0, long long *steps, long long *evals) {
+    const score_problem sp = make_score_problem(ref, n, halo, extent, taps, window, window_size, freqs,
                                                 weights, n_samples, k_index, data, ctf, has_ctf);
     amoeba_controls ctl;
     ctl.ftol = ftol;
     ctl.xtol = xtol;
     ctl.itmax = itmax;
     FOR_BLOCKS(i, n_images) {
-        BLOCK_SHARED(cfloat, phase, SCORE_PHASE_TABLE);
+        DYNAMIC_SHARED(cfloat, phase, score_phase_entries(k_index));
+        BLOCK_SHARED(double, rot, 9);
         BLOCK_SHARED(amoeba_state, state, 1);
         amoeba_state *a = state;
         const double pw = power[i];
         if (IS_LEADER) amoeba_start(a, x0 + ALIGN_D * i, scales + ALIGN_D * i);
         block_barrier();
         while (!a->done) {              // read after a barrier: the same answer in every thread
-            const double v = align_objective(&sp, a->x, i, pw, phase);   // x is read before its first barrier
+            const double v = align_objective<KIND>(&sp, a->x, i, pw, rot, phase);   // x: read before a barrier
             if (IS_LEADER) amoeba_advance(a, v, ctl);
             block_barrier();
         }
@@ -242,3 +246,14 @@ KERNEL void align(const cfloat *ref, int n, int halo, int extent, int taps, int 
         block_barrier();                // every thread has left the loop before the leader starts the next image
     }
 }
+
+#define ALIGN_ARGS const cfloat *ref, int n, int halo, int extent, int taps, const float *window, \
+    int window_size, const float *freqs, const float *weights, int n_samples, int k_index, const cfloat *data, \
+    const float *ctf, int has_ctf, const double *power, const double *x0, const double *scales, \
+    long long n_images, double ftol, double xtol, long long itmax, double *x_best, double *f_best, double *f0, \
+    long long *steps, long long *evals
+#define ALIGN_PASS ref, n, halo, extent, taps, window, window_size, freqs, weights, n_samples, k_index, data, ctf, \
+    has_ctf, power, x0, scales, n_images, ftol, xtol, itmax, x_best, f_best, f0, steps, evals
+
+KERNEL void align_kb(ALIGN_ARGS) { align_images<INTERP_KB>(ALIGN_PASS); }
+KERNEL void align_trilinear(ALIGN_ARGS) { align_images<INTERP_TRILINEAR>(ALIGN_PASS); }

@@ -18,30 +18,36 @@
 struct kb_window {
     const float *table;
     int size;
-    double half;        // K / 2, padded-grid samples
+    float scale;        // size / (K / 2): table intervals per padded-grid sample (a product per tap, no division)
 };
 
 DEVICE kb_window make_kb_window(const float *table, int size, int width) {
     kb_window w;
     w.table = table;
     w.size = size;
-    w.half = 0.5 * width;
+    w.scale = (float)((double)size / (0.5 * width));
     return w;
 }
 
-// gridding.kb_weights: one axis's weight at distance d (padded-grid samples); 0 unless |d| < K/2.
-DEVICE float kb_weight(const kb_window *w, double d) {
-    const double a = fabs(d) / w->half * (double)w->size;
-    if (!(a < (double)w->size)) return 0.0f;
+// gridding.kb_weights: one axis's weight at distance d (padded-grid samples, float: tap_weights); 0 unless
+// |d| < K/2. Float throughout: d carries one float rounding (tap_weights), a = |d| size / (K/2) one more, so the
+// fraction f between table entries is off by up to ~3e-4 of an interval at size 4096: weight errors of a few
+// 1e-7 of the window's peak, as if u had moved by ~1e-7 grid units (also where the window's edge cuts a tap:
+// |d| = K/2 itself gives a = size exactly and weight 0 for K = 2..16, as the reference). Measured against the float64 reference (tests/test_kernels.py problems, M = 32..48):
+// largest score difference 2.9e-8 (2.4e-8 with float64 distances), |P|^2 3.8e-7 relative (1.4e-7); the tests'
+// tolerance is 1e-5.
+DEVICE float kb_weight(const kb_window *w, float d) {
+    const float a = fabsf(d) * w->scale;
+    if (!(a < (float)w->size)) return 0.0f;
     const int i = (int)a;
-    const float f = (float)(a - (double)i);
+    const float f = a - (float)i;
     return w->table[i] + f * (w->table[i + 1] - w->table[i]);
 }
 
 // The hat window of trilinear interpolation (gridding._interpolate, "trilinear"): max(0, 1 - |d|).
-DEVICE float hat_weight(double d) {
-    const double a = 1.0 - fabs(d);
-    return a > 0.0 ? (float)a : 0.0f;
+DEVICE float hat_weight(float d) {
+    const float a = 1.0f - fabsf(d);
+    return a > 0.0f ? a : 0.0f;
 }
 
 // Geometry of a reference cropped to |u_a| <= E (E = N/2: all of PreparedReference.data), complex64 (D, D, Dx),
@@ -60,23 +66,29 @@ DEVICE ref_layout make_ref_layout(int extent, int halo) {
     return g;
 }
 
-// The 3 * nt tap weights of a point, wt[a * NT + t] for axis a (x, y, z) and tap t, distance d = u_a - (j_a + t).
-template <int NT>
-DEVICE void tap_weights(int nt, int kind, const kb_window *w, const double *u, const long long *j, float *wt) {
-    for (int a = 0; a < 3; ++a)
+// The 3 * nt tap weights of a point, wt[a * NT + t] for axis a (x, y, z) and tap t, distance d = u_a - (j_a + t);
+// KIND (INTERP_KB or INTERP_TRILINEAR) picks the window at compile time. The taps j (which voxels) come from u in
+// float64 (interpolate), as the reference's; the distances are float: d0 = u_a - j_a, in [nt/2 - 1, nt/2), is
+// rounded once per axis, and d0 - t is then exact for nt >= 4 (a multiple of d0's last-bit unit, |d0 - t| < nt/2).
+template <int NT, int KIND>
+DEVICE void tap_weights(int nt, const kb_window *w, const double *u, const long long *j, float *wt) {
+    for (int a = 0; a < 3; ++a) {
+        const float d0 = (float)(u[a] - (double)j[a]);
         for (int t = 0; t < nt; ++t) {
-            const double d = u[a] - (double)(j[a] + t);
-            wt[a * NT + t] = kind == INTERP_KB ? kb_weight(w, d) : hat_weight(d);
+            const float d = d0 - (float)t;
+            wt[a * NT + t] = KIND == INTERP_KB ? kb_weight(w, d) : hat_weight(d);
         }
+    }
 }
 
 // gridding._interpolate at one point u = (ux, uy, uz) (padded-grid units, |u| <= N/2): separable interpolation
-// with `taps` taps per axis (TAPS > 0 fixes it at compile time; TAPS = 0 reads `taps`, at most MAX_TAPS).
+// with `taps` taps per axis (TAPS > 0 fixes it at compile time; TAPS = 0 reads `taps`, at most MAX_TAPS) of the
+// window KIND (INTERP_KB, or INTERP_TRILINEAR's hat: interpolate_trilinear is its written-out form).
 // A point with ux < 0 is replaced by -u and the result conjugated (Friedel). Taps of an axis: j = first + t,
 // first = floor(u - taps/2) + 1, weight window(u - j); all are plain reads inside the halo. Contraction order
 // x, then y, then z, as the reference's einsum.
-template <int TAPS>
-DEVICE cfloat interpolate(const cfloat *data, ref_layout g, int taps, int kind, const kb_window *w,
+template <int TAPS, int KIND>
+DEVICE cfloat interpolate(const cfloat *data, ref_layout g, int taps, const kb_window *w,
                           double ux, double uy, double uz) {
     const int NT = TAPS > 0 ? TAPS : MAX_TAPS;
     const int nt = TAPS > 0 ? TAPS : taps;
@@ -87,7 +99,7 @@ DEVICE cfloat interpolate(const cfloat *data, ref_layout g, int taps, int kind, 
     const long long jj[3] = {floor_ll(ux - half) + 1, floor_ll(uy - half) + 1, floor_ll(uz - half) + 1};
     const long long jx = jj[0], jy = jj[1], jz = jj[2];
     float wt[3 * NT];
-    tap_weights<NT>(nt, kind, w, u, jj, wt);
+    tap_weights<NT, KIND>(nt, w, u, jj, wt);
     const float *wx = wt, *wy = wt + NT, *wz = wt + 2 * NT;
     const cfloat *base = data + g.origin + jz * g.stride_z + jy * g.stride_y + jx;
     float re = 0.0f, im = 0.0f;
@@ -131,17 +143,26 @@ DEVICE cfloat interpolate_trilinear(const cfloat *data, ref_layout g, double ux,
     return cmake(re, flip ? -im : im);
 }
 
-// interpolate<> with the common tap counts compiled in (K = 6 Kaiser-Bessel, 2 trilinear, 4, 8), else generic.
-DEVICE cfloat interpolate_any(const cfloat *data, ref_layout g, int taps, int kind, const kb_window *w,
-                              double ux, double uy, double uz) {
-    if (kind == INTERP_TRILINEAR && taps == 2) return interpolate_trilinear(data, g, ux, uy, uz);
+// Kaiser-Bessel interpolate<> with the common tap counts compiled in (K = 6 by default, 4, 8, 2), else generic.
+DEVICE cfloat interpolate_kb(const cfloat *data, ref_layout g, int taps, const kb_window *w,
+                             double ux, double uy, double uz) {
     switch (taps) {
-        case 6: return interpolate<6>(data, g, taps, kind, w, ux, uy, uz);
-        case 2: return interpolate<2>(data, g, taps, kind, w, ux, uy, uz);
-        case 4: return interpolate<4>(data, g, taps, kind, w, ux, uy, uz);
-        case 8: return interpolate<8>(data, g, taps, kind, w, ux, uy, uz);
-        default: return interpolate<0>(data, g, taps, kind, w, ux, uy, uz);
+        case 6: return interpolate<6, INTERP_KB>(data, g, taps, w, ux, uy, uz);
+        case 4: return interpolate<4, INTERP_KB>(data, g, taps, w, ux, uy, uz);
+        case 8: return interpolate<8, INTERP_KB>(data, g, taps, w, ux, uy, uz);
+        case 2: return interpolate<2, INTERP_KB>(data, g, taps, w, ux, uy, uz);
+        default: return interpolate<0, INTERP_KB>(data, g, taps, w, ux, uy, uz);
     }
+}
+
+// The interpolation of kind KIND at u: interpolate_kb (`taps` from the reference) or interpolate_trilinear
+// (2 taps). The objective's kernels are specialised on KIND (one entry point each), so a trilinear kernel
+// holds none of Kaiser-Bessel's code or registers.
+template <int KIND>
+DEVICE cfloat interpolate_kind(const cfloat *data, ref_layout g, int taps, const kb_window *w,
+                               double ux, double uy, double uz) {
+    if constexpr (KIND == INTERP_TRILINEAR) return interpolate_trilinear(data, g, ux, uy, uz);
+    else return interpolate_kb(data, g, taps, w, ux, uy, uz);
 }
 
 // geometry.rotation_matrix: SPIDER/SPARX ZYZ angles (degrees) -> R, row-major r[3 i + j] = R[i, j].

@@ -24,6 +24,12 @@
 //                    CUDA: __shared__ (one copy per block, reused by the block's next item: a barrier (block_sum has
 //                    them) must separate the last read of one item from the first write of the next). CPU: an
 //                    array local to the item.
+//   DYNAMIC_SHARED(T, name, n)  declares `T *name` pointing at n elements (n known only at run time) shared by
+//                    the threads of a block, used as BLOCK_SHARED. CUDA: the block's dynamic shared memory
+//                    (`extern __shared__`): the launch must give at least n * sizeof(T) bytes (KernelSet.launch
+//                    shared_mem=), n itself is not read; one DYNAMIC_SHARED per kernel (every one names the same
+//                    memory), alignment 16 bytes. CPU: an array of n elements local to the item (a variable-length
+//                    array, which g++ and clang accept in C++), so both targets size it the same way.
 //   block_barrier()  all threads of the block wait here. CUDA: __syncthreads(); CPU: nothing.
 //   atomic_add(p, v) *p += v atomically (float or double). CUDA: atomicAdd; CPU: `#pragma omp atomic`.
 //   cfloat, cdouble  complex numbers {re, im}, laid out as numpy complex64 / complex128 (two floats, aligned to their
@@ -32,7 +38,9 @@
 //
 //   floor_ll(x), rint_small(x)  floor to an integer and round-half-even of a double, without library calls.
 // Math: use the C functions (floor, sqrt, sin, cos, floorf, sqrtf, ...); on CUDA they are built in, on the CPU this
-// header includes <math.h>. Never pass -use_fast_math: the CPU and GPU must compute the same answer.
+// header includes <math.h>. Never pass -use_fast_math: the CPU and GPU must compute the same answer. Fused
+// multiply-add: off (--fmad=false) for every kernel file but the objective's (score.cu, align.cu), whose GPU
+// results are compared with the CPU's at float tolerances, not bitwise (gpu_ali3d/kernels.py nvrtc_options).
 #ifndef GPU_ALI3D_PORTABLE_CUH
 #define GPU_ALI3D_PORTABLE_CUH
 
@@ -45,6 +53,9 @@
 #define FOR_THREADS(k, n) for (long long k = threadIdx.x; k < (long long)(n); k += blockDim.x)
 #define IS_LEADER (threadIdx.x == 0)
 #define BLOCK_SHARED(T, name, n) __shared__ T name[n]
+#define DYNAMIC_SHARED(T, name, n) \
+    extern __shared__ __align__(16) unsigned char gpu_ali3d_dynamic_shared[]; \
+    T *const name = reinterpret_cast<T *>(gpu_ali3d_dynamic_shared)
 #define block_barrier() __syncthreads()
 
 template <typename T>
@@ -87,6 +98,7 @@ DEVICE void sincos_f(float x, float *s, float *c) { sincosf(x, s, c); }
 #define FOR_THREADS(k, n) for (long long k = 0; k < (long long)(n); ++k)
 #define IS_LEADER true
 #define BLOCK_SHARED(T, name, n) T name[n]
+#define DYNAMIC_SHARED(T, name, n) T name[n]
 #define block_barrier() ((void)0)
 
 DEVICE float block_sum(float x) { return x; }

@@ -7,17 +7,19 @@
 #include "gridding.cuh"
 #include "score.cuh"
 
-// KERNEL score: one block per (image, pose) pair (FOR_BLOCKS), threads over samples (FOR_THREADS).
+// KERNEL score_kb, score_trilinear: one block per (image, pose) pair (FOR_BLOCKS), threads over samples
+// (FOR_THREADS); one entry point per interpolation (the reference's, PreparedReference.interpolation), the same
+// arguments. Dynamic shared memory of a GPU launch: the phase table, score_phase_entries(k_index) cfloat
+// (kernels.phase_table_bytes); static: the rotation (9 double) and block_sum's partial sums.
 //
 //   ref          complex64 (D, D, Dx), C-contiguous, D = 2 E + 2 halo + 1, Dx = E + 1 + 2 halo: PreparedReference.data
 //                cropped to |u_a| <= E (gridding.cuh ref_layout; origin u = 0 at [E + halo, E + halo, halo]).
 //   n            int32: N, side of the padded grid (even). halo: int32, h = taps // 2.
 //   extent       int32: E <= N/2; every sample must have |k| <= E (the launch wrapper checks), as the taps of a
 //                point beyond E would leave the array.
-//   taps         int32: taps per axis (K = kb_width for Kaiser-Bessel, 2 for trilinear), <= 16.
-//   kind         int32: 0 Kaiser-Bessel, 1 trilinear (PreparedReference.interpolation).
+//   taps         int32: taps per axis (K = kb_width for Kaiser-Bessel, <= 16; 2 for trilinear).
 //   window       float32 (window_size + 1,): the KB window table (gridding.cuh kb_window; kernels.kb_window_table),
-//                read only for Kaiser-Bessel. window_size: int32.
+//                read only by score_kb. window_size: int32.
 //   freqs        float32 (S, 2), C-contiguous: kept samples (kx, ky), padded-grid units (integers, kx >= 0),
 //                PreparedImages.freqs.
 //   weights      float32 (S,): Hermitian multiplicity (1 or 2), PreparedImages.weights.
@@ -34,20 +36,31 @@
 //                |k| > E (E <= N/2, so also those beyond Nyquist) contribute P = 0 (as gridding.sample_reference
 //                for |k| > N/2).
 // Precision and the phase table: score.cuh score_pair.
-KERNEL void score(const cfloat *ref, int n, int halo, int extent, int taps, int kind,
-                  const float *window, int window_size,
-                  const float *freqs, const float *weights, int n_samples, int k_index,
-                  const cfloat *data, const float *ctf, int has_ctf,
-                  const double *poses, const long long *image_index, long long n_pairs, double *out) {
-    const score_problem sp = make_score_problem(ref, n, halo, extent, taps, kind, window, window_size, freqs,
+template <int KIND>
+DEVICE void score_pairs(const cfloat *ref, int n, int halo, int extent, int taps,
+                        const float *window, int window_size,
+                        const float *freqs, const float *weights, int n_samples, int k_index,
+                        const cfloat *data, const float *ctf, int has_ctf,
+                        const double *poses, const long long *image_index, long long n_pairs, double *out) {
+    const score_problem sp = make_score_problem(ref, n, halo, extent, taps, window, window_size, freqs,
                                                 weights, n_samples, k_index, data, ctf, has_ctf);
     FOR_BLOCKS(p, n_pairs) {
-        BLOCK_SHARED(cfloat, phase, SCORE_PHASE_TABLE);   // [0, K]: kx = 0..K; [K + 1, 3K + 1]: ky = -K..K
+        DYNAMIC_SHARED(cfloat, phase, score_phase_entries(k_index));  // [0, K]: kx = 0..K; [K + 1, 3K + 1]: ky
+        BLOCK_SHARED(double, rot, 9);
         double xy, pp;
-        score_pair(&sp, poses + 5 * p, image_index[p], phase, &xy, &pp);
+        score_pair<KIND>(&sp, poses + 5 * p, image_index[p], rot, phase, &xy, &pp);
         if (IS_LEADER) {
             out[2 * p] = xy;
             out[2 * p + 1] = pp;
         }
     }
 }
+
+#define SCORE_ARGS const cfloat *ref, int n, int halo, int extent, int taps, const float *window, \
+    int window_size, const float *freqs, const float *weights, int n_samples, int k_index, const cfloat *data, \
+    const float *ctf, int has_ctf, const double *poses, const long long *image_index, long long n_pairs, double *out
+#define SCORE_PASS ref, n, halo, extent, taps, window, window_size, freqs, weights, n_samples, k_index, data, ctf, \
+    has_ctf, poses, image_index, n_pairs, out
+
+KERNEL void score_kb(SCORE_ARGS) { score_pairs<INTERP_KB>(SCORE_PASS); }
+KERNEL void score_trilinear(SCORE_ARGS) { score_pairs<INTERP_TRILINEAR>(SCORE_PASS); }

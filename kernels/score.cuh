@@ -10,18 +10,22 @@
 // Per-thread accumulator of the two sums (block_sum then reduces across threads).
 typedef double score_acc_t;
 // Largest |kx|, |ky| (padded-grid units) of a kept sample: the per-pair table of shift phases has 3 K + 2 entries
-// (the launch wrappers check K = k_index <= SCORE_MAX_K; 1024 is Nyquist of a 1024-pixel box at pad 2).
+// (the launch wrappers check K = k_index <= SCORE_MAX_K; 1024 is Nyquist of a 1024-pixel box at pad 2: a table
+// of 24.6 KB, within the 48 KB of dynamic shared memory a launch may take without opting in).
 #define SCORE_MAX_K 1024
-// Entries of the phase table a caller declares (BLOCK_SHARED(cfloat, phase, SCORE_PHASE_TABLE)).
-#define SCORE_PHASE_TABLE (3 * SCORE_MAX_K + 2)
+// Entries of the phase table for K = k_index. A caller declares it as DYNAMIC_SHARED(cfloat, phase,
+// score_phase_entries(k_index)); the launch wrappers give the GPU launch score_phase_entries(K) * sizeof(cfloat)
+// bytes of dynamic shared memory (kernels.phase_table_bytes).
+DEVICE int score_phase_entries(int k_index) { return 3 * k_index + 2; }
 
 // The objective's inputs that do not change from pair to pair (the kernel arguments of score.cu, which documents
-// each one: reference, its geometry and interpolation, the samples, the images' data and CTF).
+// each one: reference, its geometry and interpolation, the samples, the images' data and CTF). The kind of
+// interpolation is not among them: the kernels are specialised on it (score_pair's KIND).
 struct score_problem {
     const cfloat *ref;
     ref_layout g;
     kb_window w;
-    int n, taps, kind, kt;             // N; taps per axis; INTERP_KB / INTERP_TRILINEAR; k_index
+    int n, taps, kt;                   // N; taps per axis (2 for trilinear); k_index
     double reach2;                     // extent^2: samples with |k|^2 > extent^2 contribute P = 0
     const float *freqs, *weights;      // (S, 2), (S,)
     long long n_samples;               // S
@@ -30,7 +34,7 @@ struct score_problem {
     int has_ctf;
 };
 
-DEVICE score_problem make_score_problem(const cfloat *ref, int n, int halo, int extent, int taps, int kind,
+DEVICE score_problem make_score_problem(const cfloat *ref, int n, int halo, int extent, int taps,
                                         const float *window, int window_size, const float *freqs,
                                         const float *weights, int n_samples, int k_index, const cfloat *data,
                                         const float *ctf, int has_ctf) {
@@ -40,7 +44,6 @@ DEVICE score_problem make_score_problem(const cfloat *ref, int n, int halo, int 
     sp.w = make_kb_window(window, window_size, taps);
     sp.n = n;
     sp.taps = taps;
-    sp.kind = kind;
     sp.kt = k_index;
     sp.reach2 = (double)extent * (double)extent;
     sp.freqs = freqs;
@@ -55,23 +58,27 @@ DEVICE score_problem make_score_problem(const cfloat *ref, int n, int halo, int 
 // The two sums of one (image, pose) pair, reduced over the block and returned to EVERY thread (it calls
 // block_sum twice: every thread of the block must call it, the same number of times):
 //   *xy = sum_s w Re(conj(X) P),  *pp = sum_s w |P|^2,  P = F(R^T k) * exp(2 pi i (kx sx + ky sy) / N) * ctf.
-// q: the pose, float64 (5,): phi, theta, psi (degrees, SPIDER ZYZ), sx, sy (pixels). img: the image, [0, n_images).
-// phase: the caller's BLOCK_SHARED table of SCORE_PHASE_TABLE cfloat, rewritten here; block_sum's barriers keep
-// the block's next call from rewriting it before every thread has read it.
-// The rotation is computed from the angles in float64; interpolation and products in float32, the sums
-// accumulated in float64 per thread (score_acc_t). The shift phase of a sample is the product of two per-axis
-// factors (gridding.cuh axis_phase), tabulated once per pair for kx in [0, K] and ky in [-K, K]: 3 K + 2 sines
-// and cosines per pair instead of one per sample.
-DEVICE void score_pair(const score_problem *sp, const double *q, long long img, cfloat *phase,
+// KIND: INTERP_KB or INTERP_TRILINEAR, the reference's interpolation (gridding.cuh interpolate_kind).
+// q: the pose, float64 (5,): phi, theta, psi (degrees, SPIDER ZYZ), sx, sy (pixels), the same in every thread
+// and read before the first barrier. img: the image, [0, n_images).
+// rot: the caller's BLOCK_SHARED double[9]; phase: its DYNAMIC_SHARED table of score_phase_entries(k_index)
+// cfloat. Both are rewritten here (rot by the leader, phase by all threads) and read by all after one barrier;
+// block_sum's barriers keep the block's next call from rewriting them before every thread has read them.
+// The rotation is computed once per pair, by the leader, from the angles in float64; interpolation and products
+// in float32, the sums accumulated in float64 per thread (score_acc_t). The shift phase of a sample is the product
+// of two per-axis factors (gridding.cuh axis_phase), tabulated once per pair for kx in [0, K] and ky in [-K, K]:
+// 3 K + 2 sines and cosines per pair instead of one per sample.
+template <int KIND>
+DEVICE void score_pair(const score_problem *sp, const double *q, long long img, double *rot, cfloat *phase,
                        double *xy_out, double *pp_out) {
     const int kt = sp->kt;
-    double r[9];
-    rotation_zyz(q[0], q[1], q[2], r);
+    if (IS_LEADER) rotation_zyz(q[0], q[1], q[2], rot);
     const double sx_n = q[3] / sp->n, sy_n = q[4] / sp->n;
     FOR_THREADS(t, 3 * kt + 2) {        // [0, K]: kx = 0..K; [K + 1, 3K + 1]: ky = -K..K
         phase[t] = t <= kt ? axis_phase((double)t, sx_n) : axis_phase((double)(t - 2 * kt - 1), sy_n);
     }
     block_barrier();
+    const double r0 = rot[0], r1 = rot[1], r2 = rot[2], r3 = rot[3], r4 = rot[4], r5 = rot[5];
     const long long n_samples = sp->n_samples;
     const cfloat *x = sp->data + img * n_samples;
     const float *c = sp->has_ctf ? sp->ctf + img * n_samples : 0;
@@ -81,11 +88,11 @@ DEVICE void score_pair(const score_problem *sp, const double *q, long long img, 
         const double kx = freqs[2 * s], ky = freqs[2 * s + 1];
         cfloat v = cmake(0.0f, 0.0f);
         if (kx * kx + ky * ky <= sp->reach2) {
-            const double ux = r[0] * kx + r[3] * ky;     // u = R^T (kx, ky, 0)
-            const double uy = r[1] * kx + r[4] * ky;
-            const double uz = r[2] * kx + r[5] * ky;
+            const double ux = r0 * kx + r3 * ky;         // u = R^T (kx, ky, 0)
+            const double uy = r1 * kx + r4 * ky;
+            const double uz = r2 * kx + r5 * ky;
             const cfloat ph = cmul(phase[(int)kx], phase[2 * kt + 1 + (int)ky]);
-            v = cmul(interpolate_any(sp->ref, sp->g, sp->taps, sp->kind, &sp->w, ux, uy, uz), ph);
+            v = cmul(interpolate_kind<KIND>(sp->ref, sp->g, sp->taps, &sp->w, ux, uy, uz), ph);
             if (sp->has_ctf) v = cscale(v, c[s]);
         }
         const cfloat xs = x[s];

@@ -1,6 +1,10 @@
-"""Shared fixtures: paths to the read-only test data beside the project (../shared/data) and in tests/data."""
+"""Shared fixtures: paths to the read-only test data beside the project (../shared/data) and in tests/data; the
+CPU/GPU twin ``backend``; the strict CuPy stand-in; the MPI launcher."""
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +64,39 @@ def standin_backend(standin):
     interface. ``standin_backend.counts`` are the stand-in's counts (launches, syncs, h2d/d2h bytes, mixing)."""
     from gpu_ali3d.backend import make_standin_backend
     return make_standin_backend(standin)
+
+
+@pytest.fixture
+def kernel_cache(tmp_path_factory, monkeypatch) -> Path:
+    """The kernel build cache of the ``backend`` twins: one per test session (each kernel compiled once, the user's
+    cache left alone). A module overrides it for another (test_kernel_build.py: a private one per test)."""
+    folder = tmp_path_factory.getbasetemp() / "kernel-cache"
+    monkeypatch.setenv("GPU_ALI3D_CACHE", str(folder))
+    return folder
+
+
+@pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def backend(request, kernel_cache):
+    """The CPU/GPU twin: each test that takes it runs on the CPU backend (the OpenMP build) and, where a CUDA device
+    is usable, on the GPU (ids ``[cpu]`` / ``[gpu]``; the ``gpu`` one is skipped elsewhere)."""
+    from gpu_ali3d.backend import make_backend
+    return make_backend(request.param)
+
+
+def _mpiexec() -> str | None:
+    beside = Path(sys.executable).parent / "mpiexec"          # the MPI wheel's launcher, same MPI as mpi4py's
+    return str(beside) if beside.is_file() else shutil.which("mpiexec")
+
+
+@pytest.fixture(scope="session")
+def mpiexec() -> str:
+    """The launcher; skips without mpi4py or mpiexec, fails instead with GPU_ALI3D_REQUIRE_MPI=1 (set by .ci/run)."""
+    missing = pytest.fail if os.environ.get("GPU_ALI3D_REQUIRE_MPI") == "1" else pytest.skip
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        missing("mpi4py is not installed (pip install 'gpu-ali3d[mpi]' mpich)")
+    launcher = _mpiexec()
+    if launcher is None:
+        missing("no mpiexec found (beside python or on PATH)")
+    return launcher

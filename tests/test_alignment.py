@@ -9,17 +9,11 @@ import pytest
 
 from gpu_ali3d import gridding, kernels, score, simplex
 from gpu_ali3d.alignment import align_kernel, align_poses
-from gpu_ali3d.backend import Backend, make_backend
+from gpu_ali3d.backend import make_backend
 from gpu_ali3d.ctf import CTFParams
 from gpu_ali3d.geometry import angular_distance, shift_distance
 from gpu_ali3d.io.formats import read_stack
 from gpu_ali3d.options import RefineOptions
-
-
-@pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
-def backend(request, tmp_path_factory, monkeypatch) -> Backend:
-    monkeypatch.setenv("GPU_ALI3D_CACHE", str(tmp_path_factory.getbasetemp() / "kernel-cache"))
-    return make_backend(request.param)
 
 
 def _problem(rng, n, *, interpolation, with_ctf, M=32):

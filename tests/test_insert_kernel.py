@@ -20,11 +20,6 @@ PROJECT = Path(__file__).resolve().parents[1]
 APIX_A = 2.5
 
 
-@pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
-def backend(request):
-    return make_backend(request.param)
-
-
 def _case(rng, m, n, ctf_kind):
     """Random images (float32, as read from disk), uniform-ish poses with shifts, and CTFs (None, one, or n)."""
     images = rng.normal(size=(n, m, m)).astype(np.float32)

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from gpu_ali3d import kernels
-from gpu_ali3d.backend import Backend, make_backend
 
 KERNELS = kernels.kernel_names()
 
@@ -71,7 +70,10 @@ def test_nvrtc_compiles(name, arch):
 @pytest.mark.parametrize("name", KERNELS)
 def test_cpu_build(name, cache):
     lib = kernels.cpu_build(name)
-    assert hasattr(lib, name)
+    if name in kernels.FAST_MODULES:          # the objective's kernels: one entry point per interpolation
+        assert all(hasattr(lib, f"{name}_{kind}") for kind in kernels.INTERP_ENTRY.values())
+    else:
+        assert hasattr(lib, name)
     assert len(list(cache.glob("*.so"))) == 1
     assert not list(cache.glob("*.tmp"))          # temporary names renamed away
 
@@ -174,9 +176,10 @@ def test_missing_kernel_is_a_clear_error():
         kernels.kernel_source("no_such_kernel")
 
 
-@pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
-def backend(request, cache) -> Backend:
-    return make_backend(request.param)
+@pytest.fixture
+def kernel_cache(cache):
+    """The CPU/GPU twin fixture ``backend`` (conftest.py) builds into this module's private cache."""
+    return cache
 
 
 @pytest.mark.parametrize("n_rows, n_cols", [(1, 1), (3, 4), (1000, 77), (50, 1000)])
@@ -236,7 +239,7 @@ class _FakeRawModule:
     def get_function(self, name):
         assert self.compiles, "get_function before compile: the module was not compiled at load"
         self.functions.append(name)
-        return lambda grid, block, args: self.launches.append((name, grid, block, args))
+        return lambda grid, block, args, shared_mem=0: self.launches.append((name, grid, block, args, shared_mem))
 
 
 @pytest.fixture
@@ -263,23 +266,23 @@ def test_gpu_load_compiles_at_once_with_the_nvrtc_options(fake_cupy):
     (module,) = fake_cupy.made
     assert module.compiles == 1, "KernelSet.load must compile the RawModule (CuPy alone waits for a launch)"
     assert module.code == kernels.kernel_source("selftest")
-    assert module.options is kernels.NVRTC_OPTIONS          # the one list CI's NVRTC and nvcc checks use
+    assert module.options is kernels.NVRTC_OPTIONS          # the list CI's NVRTC and nvcc checks use for it
     # a launch reuses the compiled module: no second RawModule, no second compile
     ks.launch("selftest", "selftest", 3, [np.int32(1)])
     assert fake_cupy.made == [module] and module.compiles == 1
     assert module.functions == ["selftest"]
-    assert fake_cupy.launches == [("selftest", (3,), (kernels.GPU_THREADS,), (np.int32(1),))]
+    assert fake_cupy.launches == [("selftest", (3,), (kernels.GPU_THREADS,), (np.int32(1),), 0)]
 
 
 def test_gpu_compile_error_names_the_kernel_file_and_nvrtc_log(fake_cupy):
     log = 'score.cu(42): error: identifier "oops" is undefined\n1 error detected in the compilation of "score.cu".'
-    fake_cupy.fail = _FakeCompileException(log, "source", "/tmp/tmpabc/kern.cu", kernels.NVRTC_OPTIONS)
+    fake_cupy.fail = _FakeCompileException(log, "source", "/tmp/tmpabc/kern.cu", kernels.nvrtc_options("score"))
     with pytest.raises(RuntimeError) as err:
         kernels.KernelSet("gpu").load("score")
     message = str(err.value)
     assert str(kernels.KERNEL_DIR / "score.cu") in message
     assert 'identifier "oops" is undefined' in message
-    assert " ".join(kernels.NVRTC_OPTIONS) in message
+    assert " ".join(kernels.nvrtc_options("score")) in message
     # a failed compile is not cached: the next load tries again
     fake_cupy.fail = None
     kernels.KernelSet("gpu").load("score")

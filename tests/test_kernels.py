@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from gpu_ali3d import gridding, kernels, score
-from gpu_ali3d.backend import Backend, make_backend
+from gpu_ali3d.backend import make_backend
 from gpu_ali3d.ctf import CTFParams
 from gpu_ali3d.geometry import rotation_matrix
 
@@ -14,12 +14,6 @@ from gpu_ali3d.geometry import rotation_matrix
 # 1e-5 relative (float32 epsilon x ~100) leaves room for the GPU's different summation order; atol covers scores
 # that happen to be near 0, where the same absolute error is a large relative one.
 RTOL, ATOL = 1e-5, 1e-7
-
-
-@pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
-def backend(request, tmp_path_factory, monkeypatch) -> Backend:
-    monkeypatch.setenv("GPU_ALI3D_CACHE", str(tmp_path_factory.getbasetemp() / "kernel-cache"))
-    return make_backend(request.param)
 
 
 def _problem(rng, M, n_img, n_pairs, *, interpolation="kb", kb_width=6, with_ctf=True, kmax_frac=None,

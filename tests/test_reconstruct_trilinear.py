@@ -14,7 +14,6 @@ from scipy.spatial.transform import Rotation
 
 from gpu_ali3d import local_ali3d
 from gpu_ali3d import reconstruct as rec
-from gpu_ali3d.backend import make_backend
 from gpu_ali3d.ctf import CTFParams
 from gpu_ali3d.geometry import euler_from_matrix
 from gpu_ali3d.io.formats import read_volume
@@ -23,11 +22,6 @@ from gpu_ali3d.projection import project
 from gpu_ali3d.resolution import fsc, sphere_mask
 
 APIX_A = 1.5      # the small-particle, high-resolution regime of issue 14 (Nyquist 3 A)
-
-
-@pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
-def backend(request):
-    return make_backend(request.param)
 
 
 def _poses(n, seed, shifts=0.0):
