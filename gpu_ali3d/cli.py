@@ -16,6 +16,9 @@ import numpy as np
 from . import __version__
 from .options import DEVICES, INTERPOLATIONS, RefineOptions
 
+#: Options that --continue accepts: where it runs and how it reports, not what it computes.
+_CONTINUE_MAY_CHANGE = ("device", "batch", "debug")
+
 USER_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, IsADirectoryError, PermissionError, RuntimeError,
                NotImplementedError)
 
@@ -51,7 +54,15 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     if args.continue_dir is not None:
         if args.stack is not None:
             raise ValueError("--continue OUTDIR resumes a run with its own input and options; give no STACK/OUTDIR")
-        continue_local_ali3d(args.continue_dir, progress=progress)
+        defaults = RefineOptions()
+        given = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in RefineOptions.field_names()
+                 if name not in _CONTINUE_MAY_CHANGE and getattr(args, name) != getattr(defaults, name)]
+        if given:
+            raise ValueError(f"--continue {args.continue_dir} resumes with the run's own options (its job.json); "
+                             f"these would be ignored: {', '.join(given)}; start a new run to change them")
+        changes = {name: getattr(args, name) for name in _CONTINUE_MAY_CHANGE
+                   if getattr(args, name) != getattr(defaults, name)}
+        continue_local_ali3d(args.continue_dir, progress=progress, **changes)
         return 0
     if args.stack is None or args.outdir is None:
         raise ValueError("refine needs STACK and OUTDIR (or --continue OUTDIR)")

@@ -14,6 +14,7 @@ sets follow ``rlnRandomSubset`` when the input has it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -95,8 +96,10 @@ def local_ali3d(stack, outdir, maskfile=None, *, options: RefineOptions | None =
         if opts.write_headers:
             _check_headers_writable(source_path)
         setup = _setup(stack, opts, maskfile)
+        opts = _resolve_function(opts)
         parallel.on_root(comm, lambda: _create_outdir(outdir, opts, source_path, maskfile,
-                                                      stack.poses if opts.write_headers else None))
+                                                      stack.poses if opts.write_headers else None,
+                                                      input_identity(stack)))
         state = _State(poses=stack.poses.copy())
         try:
             return _with_log(outdir, lambda: _run(stack, source_path, outdir, opts, setup, state, progress,
@@ -107,20 +110,28 @@ def local_ali3d(stack, outdir, maskfile=None, *, options: RefineOptions | None =
             raise
 
 
-def continue_local_ali3d(outdir, *, progress: bool = True) -> RefineResult:
+def continue_local_ali3d(outdir, *, progress: bool = True, **changes) -> RefineResult:
     """Resume an interrupted :func:`local_ali3d` from the checkpoint in outdir (written after every chunk).
 
     The options, input and mask are those of the original run (outdir/job.json); the result equals that of an
     uninterrupted run, because every step depends only on the poses and options saved in the checkpoint.
+    changes : only ``device``, ``batch`` and ``debug`` may differ from the original run (where it runs, how it
+    batches and reports; the poses depend on none of them). The input must be the one the run began with
+    (:func:`input_identity`), and a 'file.py:callable' user function the very file (its sha256).
     """
+    allowed = {"device", "batch", "debug"}
+    if set(changes) - allowed:
+        raise ValueError(f"--continue may change only {', '.join(sorted(allowed))}; got {', '.join(sorted(changes))}")
     comm = parallel.world()
     with parallel.abort_on_error(comm):
         outdir = Path(outdir)
         job = parallel.on_root(comm, lambda: _load_job(outdir))       # only rank 0 reads outdir
-        opts = RefineOptions(**job["options"])
+        opts = replace(RefineOptions(**job["options"]), **changes)
         if job["stack"] is None:
             raise ValueError(f"{outdir}: the run was given an in-memory stack; it cannot be resumed from files")
         stack = read_stack(job["stack"])
+        parallel.on_root(comm, lambda: (_check_input_identity(job, stack, outdir),
+                                        _check_function_file(job, opts, outdir)))
         setup = _setup(stack, opts, job["maskfile"])
 
         def load_state():
@@ -202,14 +213,15 @@ def _check_new_outdir(outdir: Path) -> None:
                               "(or resume it with --continue)")
 
 
-def _create_outdir(outdir: Path, opts: RefineOptions, source_path, maskfile, original_poses=None) -> None:
+def _create_outdir(outdir: Path, opts: RefineOptions, source_path, maskfile, original_poses=None,
+                   identity=None) -> None:
     """Make outdir with job.json; with --write-headers (original_poses given) also previous_poses.txt, the input's
     poses as they were before anything ran. It is written once, here, and never again: a run killed after the
     input was replaced and then resumed (which reads the replaced input) cannot overwrite it."""
     outdir.mkdir(parents=True)
     if original_poses is not None:
         _write_params(outdir / PREVIOUS_POSES, original_poses, overwrite=False)
-    _save_job(outdir, opts, source_path, maskfile)
+    _save_job(outdir, opts, source_path, maskfile, identity)
 
 
 def _remove_if_unstarted(outdir: Path) -> None:
@@ -239,15 +251,92 @@ def _load_job(outdir: Path) -> dict:
     job_path = outdir / "job.json"
     if not job_path.is_file():
         raise FileNotFoundError(f"{outdir}: no job.json here; is this a gpu-ali3d refine output directory?")
-    return json.loads(job_path.read_text())
+    try:
+        job = json.loads(job_path.read_text())
+        if not isinstance(job, dict) or not isinstance(job.get("options"), dict) or "stack" not in job:
+            raise ValueError("no 'options' and 'stack' entries")
+        RefineOptions(**job["options"])
+    except (ValueError, TypeError, OSError) as exc:
+        raise ValueError(f"{job_path}: not a readable gpu-ali3d job file ({' '.join(str(exc).split())})") from None
+    return job
 
 
-def _save_job(outdir: Path, opts: RefineOptions, source_path, maskfile) -> None:
+def _save_job(outdir: Path, opts: RefineOptions, source_path, maskfile, identity=None) -> None:
     job = {"options": {k: getattr(opts, k) for k in RefineOptions.field_names()},
            "stack": None if source_path is None else str(source_path),
-           "maskfile": None if maskfile is None else str(Path(maskfile).resolve())}
+           "maskfile": None if maskfile is None else str(Path(maskfile).resolve()),
+           "input": identity, "function_sha256": _function_file_sha256(opts.function)}
     with atomic_path(outdir / "job.json") as tmp:
         tmp.write_text(json.dumps(job, indent=1))
+
+
+def input_identity(stack: ParticleStack) -> dict:
+    """What --continue checks the input against (job.json "input"): particle count, box, pixel size and a sha256 of
+    the metadata a refinement depends on besides the poses (CTF parameters, image references in order, half
+    sets). The poses are left out (the checkpoint carries them, and --write-headers replaces them), and so are
+    the pixels (reading every image to hash it would cost a pass over the data)."""
+    from dataclasses import fields as dc_fields
+
+    h = hashlib.sha256()
+    if stack.ctf is not None:
+        for f in dc_fields(stack.ctf):
+            h.update(np.ascontiguousarray(getattr(stack.ctf, f.name), np.float64).tobytes())
+    h.update("\n".join(stack.image_refs or []).encode())
+    subset = stack.meta.get("rlnRandomSubset")
+    if subset is not None:
+        h.update(np.asarray(subset).astype(np.int64).tobytes())
+    return {"particles": len(stack), "box": int(stack.box), "apix_A": float(stack.apix_A),
+            "metadata_sha256": h.hexdigest()}
+
+
+def _check_input_identity(job: dict, stack: ParticleStack, outdir: Path) -> None:
+    saved = job.get("input")
+    if saved is None:                       # a job.json from before the check existed
+        return
+    now = input_identity(stack)
+    changed = [k for k in ("particles", "box", "apix_A", "metadata_sha256") if saved.get(k) != now[k]]
+    if changed:
+        what = {"particles": "particle count", "box": "box", "apix_A": "pixel size",
+                "metadata_sha256": "CTF, image order or half sets"}
+        raise ValueError(f"{job['stack']}: the input changed since {outdir} was started (its "
+                         f"{', '.join(what[k] for k in changed)}); --continue needs the run's own input: restore it, "
+                         "or start a new run")
+
+
+def _function_file_sha256(spec: str) -> str | None:
+    """sha256 of a 'file.py:callable' user function's file, or None for built-ins and modules."""
+    path, _, _name = spec.rpartition(":")
+    if not path.endswith(".py") or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _resolve_function(opts: RefineOptions) -> RefineOptions:
+    """A 'file.py:callable' --function with its path made absolute, so --continue from another folder loads the
+    same file (job.json stores the resolved form)."""
+    path, _, name = opts.function.rpartition(":")
+    if path.endswith(".py"):
+        return replace(opts, function=f"{Path(path).resolve()}:{name}")
+    return opts
+
+
+def _check_function_file(job: dict, opts: RefineOptions, outdir: Path) -> None:
+    """--continue runs the user function named in job.json: only the very file the run was started with, and never
+    one that lives inside the output folder (a copied OUTDIR must not bring code of its own)."""
+    path, _, _name = opts.function.rpartition(":")
+    if not path.endswith(".py"):
+        return
+    file = Path(path)
+    if not file.is_absolute():
+        raise ValueError(f"{outdir / 'job.json'}: --function {opts.function!r} is a relative path; --continue needs "
+                         "the absolute path that gpu-ali3d records")
+    if outdir.resolve() in file.resolve().parents:
+        raise ValueError(f"{outdir / 'job.json'}: --function {opts.function!r} lies inside the output folder; "
+                         "refusing to run code that came with an output folder")
+    sha = _function_file_sha256(opts.function)
+    if sha is not None and job.get("function_sha256") not in (None, sha):
+        raise ValueError(f"--function {file}: the file changed since {outdir} was started; --continue needs the "
+                         "run's own user function: restore it, or start a new run")
 
 
 def _with_log(outdir: Path, body, comm=None):

@@ -118,3 +118,103 @@ def test_existing_outdir_is_refused_and_left_alone(inputs, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(out) in err
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+# --- --continue: the run's own options, input and user function -------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(inputs, tmp_path_factory):
+    """A small finished run whose job.json --continue reads (the checks come before 'finished already')."""
+    tmp = tmp_path_factory.mktemp("cont")
+    src = tmp / "input.star"
+    from gpu_ali3d.io.formats import read_stack
+    write_stack(read_stack(inputs / "sim.star"), src)
+    (tmp / "uf.py").write_text("from gpu_ali3d.user_functions import ref_ali3d\n"
+                               "def f(ref_data):\n    return ref_ali3d(ref_data)\n")
+    import os
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:                                      # a relative --function path, from the run's folder
+        assert main(["refine", "input.star", "run", "--maxit", "0", "--function", "uf.py:f"]) == 0
+    finally:
+        os.chdir(cwd)
+    return tmp
+
+
+def _continue(run: Path, capsys, *extra) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(["refine", "--continue", str(run), *extra])
+    return code, capsys.readouterr().err.strip()
+
+
+def test_continue_refuses_options_it_would_ignore(finished_run, capsys):
+    before = _digest(finished_run / "run")
+    code, err = _continue(finished_run / "run", capsys, "--maxit", "6", "--sym", "c2", "--write-headers")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "--maxit 6" in err and "--sym c2" in err and "--write-headers" in err
+    assert _digest(finished_run / "run") == before
+
+
+def test_continue_records_the_function_file_by_absolute_path(finished_run):
+    import json
+    job = json.loads((finished_run / "run" / "job.json").read_text())
+    assert job["options"]["function"] == f"{(finished_run / 'uf.py').resolve()}:f"
+    assert job["function_sha256"] and job["input"]["particles"] == 20
+
+
+@pytest.mark.parametrize("change", ["defocus", "order", "count"])
+def test_continue_refuses_a_changed_input(finished_run, tmp_path, capsys, change):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(finished_run / "run", run)
+    src = finished_run / "input.star"
+    original = src.read_bytes()
+    from gpu_ali3d.io.formats import read_stack
+    stack = read_stack(src)
+    if change == "defocus":
+        stack.ctf.defocus_u_A *= 1.1
+    try:
+        if change == "count":
+            text = src.read_text().rstrip("\n").splitlines()
+            src.write_text("\n".join(text[:-1]) + "\n")             # one particle row fewer
+        elif change == "order":                                    # the particle rows reversed, as a user might
+            import starfile
+            blocks = starfile.read(src, always_dict=True)
+            blocks["particles"] = blocks["particles"].iloc[::-1].reset_index(drop=True)
+            starfile.write(blocks, src, overwrite=True)
+        else:
+            write_stack(stack, src, overwrite=True)
+        code, err = _continue(run, capsys)
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert "input changed" in err and "input.star" in err, err
+    finally:
+        src.write_bytes(original)
+
+
+def test_continue_refuses_a_changed_or_inside_function_file(finished_run, tmp_path, capsys):
+    import json
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(finished_run / "run", run)
+    uf = finished_run / "uf.py"
+    text = uf.read_text()
+    try:
+        uf.write_text(text + "# changed\n")
+        code, err = _continue(run, capsys)
+        assert code == 2 and "changed" in err and "uf.py" in err, err
+    finally:
+        uf.write_text(text)
+    job = json.loads((run / "job.json").read_text())
+    (run / "evil.py").write_text("def f(ref_data):\n    raise SystemExit('ran')\n")
+    job["options"]["function"] = f"{run / 'evil.py'}:f"
+    (run / "job.json").write_text(json.dumps(job))
+    code, err = _continue(run, capsys)
+    assert code == 2 and "inside the output folder" in err, err
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"stack": null}', '{"options": {"maxit": -3}, "stack": null}'])
+def test_continue_refuses_a_corrupt_job_file(tmp_path, capsys, content):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "job.json").write_text(content)
+    code, err = _continue(run, capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "job.json" in err, err
