@@ -436,6 +436,8 @@ def finish(acc: FourierAccumulator, *, weighting: bool | None = None,
     backend : None when ``acc`` holds host arrays; else the Backend whose device holds them: the finish runs there
         (nn4_ctf's neighbour weighting excepted: that accumulator is copied to the host first) and only the M^3 map
         comes back.
+    The inverse FFT stays in float64: the deterministic insertion makes the sums over MPI ranks equal a serial
+    run's to ~1e-11, and float32 rounding here would turn that into different poses.
     Returns float64 (M, M, M) numpy array, numpy order (z, y, x), centre voxel M // 2, zero outside radius M // 2.
     """
     trilinear = acc.insertion == "trilinear"
@@ -447,25 +449,31 @@ def finish(acc: FourierAccumulator, *, weighting: bool | None = None,
                                   acc.snr, acc.ctf, acc.n_images, acc.insertion)
         return finish(host, weighting=weighting, regularisation=regularisation)
     n_p, m = acc.Np, acc.M
-    data = acc.data.copy()
-    weights = acc.weights.copy()
-    _symplane0(data, weights, xp)
-    filled = weights > 0
     if regularisation is None:
         osnr = 0.0 if acc.snr is None else 1.0 / acc.snr / (acc.npad ** 2 if trilinear else 1)
     else:
         osnr = xp.asarray(np.asarray(regularisation, np.float64))[_voxel_shells(n_p, xp)]
-    # voxels with weight 0 are left as they are (they hold 0): a where, not a boolean index (no device sync)
-    scale = xp.where(filled, 1.0 / xp.where(filled, weights + osnr, 1.0), 1.0)
-    if weighting:
+    if weighting:                            # nn4_ctf: its neighbour count reads the whole symmetrised grid
+        data, weights = acc.data.copy(), acc.weights.copy()
+        _symplane0(data, weights, xp)
+        filled = weights > 0
+        scale = xp.where(filled, 1.0 / xp.where(filled, weights + osnr, 1.0), 1.0)
         scale *= np.where(filled, _neighbour_weights(weights), 1.0)
-    data *= scale
+        data *= scale
+    else:
+        # Only the kx = 0 plane changes in symplane0: symmetrise copies of it, not of the grids. Voxels with weight
+        # 0 are left as they are (they hold 0): 1 / where(w > 0, w + 1/snr, 1), not a boolean index (no device sync)
+        data0, weights0 = acc.data[:, :, :1].copy(), acc.weights[:, :, :1].copy()
+        _symplane0(data0, weights0, xp)
+        osnr0 = osnr if np.ndim(osnr) == 0 else osnr[:, :, :1]
+        data = acc.data / xp.where(acc.weights > 0, acc.weights + osnr, 1.0)
+        data[:, :, :1] = data0 / xp.where(weights0 > 0, weights0 + osnr0, 1.0)
     if xp is np:
         padded = scipy.fft.irfftn(data, s=(n_p, n_p, n_p), axes=(0, 1, 2), workers=-1)
     else:
         padded = xp.fft.irfftn(data, s=(n_p, n_p, n_p), axes=(0, 1, 2))
-    index = xp.asarray((np.arange(m) - m // 2) % n_p)
-    vol = xp.take(xp.take(xp.take(padded, index, axis=0), index, axis=1), index, axis=2)
+    del data
+    vol = _centre_window(padded, m, xp).astype(np.float64)
     if trilinear:
         d = np.abs(np.arange(m) - m // 2) * (np.pi / n_p)
         sinc2 = xp.asarray(np.where(d > 0, np.sin(d) / np.where(d > 0, d, 1.0), 1.0) ** 2)
@@ -566,6 +574,18 @@ def accumulate_halves(images: np.ndarray, poses: np.ndarray, *, half: np.ndarray
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+#: Bytes of slice transforms (complex64 data and float32 CTF^2) one insertion call may hold, per image set: the
+#: fast path inserts as many images per call as fit (each call ends with a pass over the whole grid).
+INSERT_BATCH_BYTES = 256 << 20
+
+
+def insert_chunk(M: int, npad: int, insertion: str, *, budget: int = INSERT_BATCH_BYTES) -> int:
+    """Images per insertion call within ``budget`` bytes of slice transforms: the M x M planes (trilinear) or the
+    npad M x npad M ones (nn4), 12 bytes per half-plane sample (complex64 value, float32 CTF^2); at least 256."""
+    side = M if insertion == "trilinear" else M * npad
+    return max(256, budget // (12 * side * (side // 2 + 1)))
+
+
 def _accumulate(images, poses, which: np.ndarray, *, ctf, apix_A, snr, sym, npad, chunk,
                 backend=None, insertion: str = "nn4", on_device: bool = False) -> FourierAccumulator:
     images = np.asarray(images)
@@ -762,6 +782,17 @@ def _in_range(shifted: np.ndarray, lim: int) -> np.ndarray:
     uses j for both) strictly inside (-Np/2, Np/2)."""
     ok = (shifted > -lim) & (shifted < lim)
     return ok[:, None] & ok[None, :]
+
+
+def _centre_window(padded, m: int, xp=np):
+    """The M^3 box about the padded volume's origin, as ``padded[np.ix_(i, i, i)]`` with i = (arange(M) - M // 2)
+    % Np, made from slices (the negative then the positive indices along each axis: no gather over the grid)."""
+    c = m // 2
+    for axis in range(3):
+        lead = [slice(None)] * axis
+        padded = xp.concatenate([padded[tuple(lead + [slice(padded.shape[axis] - c, None)])],
+                                 padded[tuple(lead + [slice(0, m - c)])]], axis=axis)
+    return padded
 
 
 def _voxel_shells(n_p: int, xp=np):

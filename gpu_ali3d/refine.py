@@ -471,7 +471,7 @@ def _reference(images, poses, half, ctf, apix, mask, opts, user_function, backen
     global poses, half and ctf; the half-set accumulators are summed on rank 0 (:func:`parallel.reduce_accumulator`,
     fixed order), which finishes, filters and writes, and every rank gets the same (volf, curve, tanh fit).
     final: the last reconstruction of the run; its maps are also written as map.mrc and map_filtered.mrc."""
-    from .reconstruct import accumulate_halves, add, finish, wiener_regularisation
+    from .reconstruct import accumulate_halves, add, finish, insert_chunk, wiener_regularisation
     from .resolution import fit_tanh, fsc_mask, fsc_text
     from .user_functions import call_user_function
 
@@ -483,7 +483,8 @@ def _reference(images, poses, half, ctf, apix, mask, opts, user_function, backen
     # host copies, summed over the ranks (DESIGN.md, MPI) and finished on rank 0's host
     on_device = backend is not None and comm.size == 1
     accs = accumulate_halves(images, poses, half=half, ctf=ctf, apix_A=apix, snr=opts.snr, sym=opts.sym,
-                             npad=opts.npad, backend=backend, insertion=opts.insertion, on_device=on_device)
+                             npad=opts.npad, backend=backend, insertion=opts.insertion, on_device=on_device,
+                             chunk=insert_chunk(images.shape[-1], opts.npad, opts.insertion))
     accs = [parallel.reduce_accumulator(acc, comm) for acc in accs]       # None off rank 0
     where = backend if on_device else None
 
