@@ -227,17 +227,11 @@ def insert_transforms(acc: FourierAccumulator, transforms: np.ndarray, weights: 
     """
     n_p = acc.Np
     half = n_p // 2 + 1
-    n, p = _check_slices(acc, transforms, weights, poses, ctf)
-    acc.ctf = ctf
-    acc.n_images += n
-    if n == 0:
-        return
-
     # The half-plane samples that SPARX inserts: kx >= 0, kx^2 + ky^2 < Np^2/4, not (kx = 0 and ky < 0).
-    keep, kx, ky = _kept_samples(n_p)
-    kx_s, ky_s = kx[keep].astype(np.float64), ky[keep].astype(np.float64)     # (P,)
-    values = transforms[:, keep]                                                # (n, P)
-    w = None if weights is None else np.broadcast_to(weights[:, keep], values.shape)
+    begun = _begin_insert(acc, transforms, weights, poses, ctf, n_p)
+    if begun is None:
+        return
+    p, kx_s, ky_s, values, w = begun
 
     rot = rotation_matrix(p[:, 0], p[:, 1], p[:, 2])                            # (n, 3, 3)
     shape, size = acc.data.shape, acc.data.size
@@ -271,15 +265,11 @@ def insert_transforms_trilinear(acc: FourierAccumulator, transforms: np.ndarray,
     """
     n_p, m = acc.Np, acc.M
     half = n_p // 2 + 1
-    n, p = _check_slices(acc, transforms, weights, poses, ctf)
-    acc.ctf = ctf
-    acc.n_images += n
-    if n == 0:
+    begun = _begin_insert(acc, transforms, weights, poses, ctf, m)
+    if begun is None:
         return
-    keep, kx, ky = _kept_samples(m)
-    kx_s, ky_s = kx[keep].astype(np.float64), ky[keep].astype(np.float64)
-    values = transforms[:, keep]
-    w = np.ones(values.shape) if weights is None else np.broadcast_to(weights[:, keep], values.shape)
+    p, kx_s, ky_s, values, w = begun
+    w = np.ones(values.shape) if w is None else w
     rot = rotation_matrix(p[:, 0], p[:, 1], p[:, 2])
     shape, size = acc.data.shape, acc.data.size
     scale = float(acc.npad)
@@ -630,6 +620,21 @@ def _check_slices(acc, transforms, weights, poses, ctf) -> tuple[int, np.ndarray
         raise ValueError("cannot mix images with and without CTF in one accumulator "
                          f"(it holds {'CTF-weighted' if acc.ctf else 'CTF-free'} data)")
     return n, p
+
+
+def _begin_insert(acc, transforms, weights, poses, ctf, side: int):
+    """The common start of the numpy insertions: check the slices, count the images into ``acc``, and pick the
+    kept samples of a side x side plane (:func:`_kept_samples`). Returns None when there are no images, else
+    (poses float64 (n, 5), kx, ky float64 (P,), values (n, P), weights (n, P) or None)."""
+    n, p = _check_slices(acc, transforms, weights, poses, ctf)
+    acc.ctf = ctf
+    acc.n_images += n
+    if n == 0:
+        return None
+    keep, kx, ky = _kept_samples(side)
+    values = transforms[:, keep]
+    w = None if weights is None else np.broadcast_to(weights[:, keep], values.shape)
+    return p, kx[keep].astype(np.float64), ky[keep].astype(np.float64), values, w
 
 
 def _kept_samples(n_p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

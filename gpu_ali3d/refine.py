@@ -14,6 +14,7 @@ sets follow ``rlnRandomSubset`` when the input has it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -99,7 +100,7 @@ def local_ali3d(stack, outdir, maskfile=None, *, options: RefineOptions | None =
         opts = _resolve_function(opts)
         parallel.on_root(comm, lambda: _create_outdir(outdir, opts, source_path, maskfile,
                                                       stack.poses if opts.write_headers else None,
-                                                      input_identity(stack)))
+                                                      input_identity(stack, setup.half)))
         state = _State(poses=stack.poses.copy())
         try:
             return _with_log(outdir, lambda: _run(stack, source_path, outdir, opts, setup, state, progress,
@@ -130,9 +131,9 @@ def continue_local_ali3d(outdir, *, progress: bool = True, **changes) -> RefineR
         if job["stack"] is None:
             raise ValueError(f"{outdir}: the run was given an in-memory stack; it cannot be resumed from files")
         stack = read_stack(job["stack"])
-        parallel.on_root(comm, lambda: (_check_input_identity(job, stack, outdir),
-                                        _check_function_file(job, opts, outdir)))
         setup = _setup(stack, opts, job["maskfile"])
+        parallel.on_root(comm, lambda: (_check_input_identity(job, stack, setup.half, outdir),
+                                        _check_function_file(job, opts, outdir)))
 
         def load_state():
             state = (_State.load(outdir, len(stack)) if (outdir / CHECKPOINT).is_file()
@@ -141,9 +142,12 @@ def continue_local_ali3d(outdir, *, progress: bool = True, **changes) -> RefineR
                 raise ValueError(f"{outdir}: this refinement finished already; nothing to continue")
             return state
 
-        state = parallel.on_root(comm, load_state)
-        return _with_log(outdir, lambda: _run(stack, Path(job["stack"]), outdir, opts, setup, state, progress,
-                                              resumed=True, comm=comm), comm)
+        with contextlib.ExitStack() as held:
+            if comm.rank == 0:                 # before the checkpoint is read: one --continue at a time
+                held.enter_context(_outdir_lock(outdir))
+            state = parallel.on_root(comm, load_state)
+            return _with_log(outdir, lambda: _run(stack, Path(job["stack"]), outdir, opts, setup, state, progress,
+                                                  resumed=True, comm=comm), comm, lock=False)
 
 
 # ----------------------------------------------------------------------------------------------------- driver
@@ -203,7 +207,7 @@ def _setup(stack: ParticleStack, opts: RefineOptions, maskfile) -> _Setup:
     ou = opts.outer_radius(stack.box)
     if opts.CTF and stack.ctf is None:
         raise ValueError("--CTF given but the stack has no CTF parameters")
-    return _Setup(ou=ou, mask=_mask(maskfile, stack.box, ou), half=_half_sets(stack),
+    return _Setup(ou=ou, mask=_mask(maskfile, stack.box, ou), half=_half_sets(stack, opts.seed),
                   ctf=stack.ctf if opts.CTF else None)
 
 
@@ -218,7 +222,11 @@ def _create_outdir(outdir: Path, opts: RefineOptions, source_path, maskfile, ori
     """Make outdir with job.json; with --write-headers (original_poses given) also previous_poses.txt, the input's
     poses as they were before anything ran. It is written once, here, and never again: a run killed after the
     input was replaced and then resumed (which reads the replaced input) cannot overwrite it."""
-    outdir.mkdir(parents=True)
+    try:
+        outdir.mkdir(parents=True)
+    except FileExistsError:                   # made since the check: another run took the name
+        raise FileExistsError(f"{outdir}: another run created this output directory just now; choose another "
+                              "name") from None
     if original_poses is not None:
         _write_params(outdir / PREVIOUS_POSES, original_poses, overwrite=False)
     _save_job(outdir, opts, source_path, maskfile, identity)
@@ -270,11 +278,12 @@ def _save_job(outdir: Path, opts: RefineOptions, source_path, maskfile, identity
         tmp.write_text(json.dumps(job, indent=1))
 
 
-def input_identity(stack: ParticleStack) -> dict:
+def input_identity(stack: ParticleStack, half: np.ndarray) -> dict:
     """What --continue checks the input against (job.json "input"): particle count, box, pixel size and a sha256 of
-    the metadata a refinement depends on besides the poses (CTF parameters, image references in order, half
-    sets). The poses are left out (the checkpoint carries them, and --write-headers replaces them), and so are
-    the pixels (reading every image to hash it would cost a pass over the data)."""
+    the metadata a refinement depends on besides the poses (CTF parameters, image references in order, and the
+    half sets as used, ``half``: an input without rlnRandomSubset that --write-headers rewrote with the ones drawn
+    is the same input). The poses are left out (the checkpoint carries them, and --write-headers replaces them),
+    and so are the pixels (reading every image to hash it would cost a pass over the data)."""
     from dataclasses import fields as dc_fields
 
     h = hashlib.sha256()
@@ -282,18 +291,16 @@ def input_identity(stack: ParticleStack) -> dict:
         for f in dc_fields(stack.ctf):
             h.update(np.ascontiguousarray(getattr(stack.ctf, f.name), np.float64).tobytes())
     h.update("\n".join(stack.image_refs or []).encode())
-    subset = stack.meta.get("rlnRandomSubset")
-    if subset is not None:
-        h.update(np.asarray(subset).astype(np.int64).tobytes())
+    h.update(np.asarray(half).astype(np.int64).tobytes())
     return {"particles": len(stack), "box": int(stack.box), "apix_A": float(stack.apix_A),
             "metadata_sha256": h.hexdigest()}
 
 
-def _check_input_identity(job: dict, stack: ParticleStack, outdir: Path) -> None:
+def _check_input_identity(job: dict, stack: ParticleStack, half: np.ndarray, outdir: Path) -> None:
     saved = job.get("input")
     if saved is None:                       # a job.json from before the check existed
         return
-    now = input_identity(stack)
+    now = input_identity(stack, half)
     changed = [k for k in ("particles", "box", "apix_A", "metadata_sha256") if saved.get(k) != now[k]]
     if changed:
         what = {"particles": "particle count", "box": "box", "apix_A": "pixel size",
@@ -339,9 +346,53 @@ def _check_function_file(job: dict, opts: RefineOptions, outdir: Path) -> None:
                          "run's own user function: restore it, or start a new run")
 
 
-def _with_log(outdir: Path, body, comm=None):
+def _with_log(outdir: Path, body, comm=None, *, lock: bool = True):
+    """Run body with log.txt attached (rank 0), holding outdir's lock unless the caller holds it (lock=False)."""
     if comm is not None and comm.rank != 0:          # only rank 0 writes outdir (and log.txt)
         return body()
+    if not lock:
+        return _logged(outdir, body)
+    with _outdir_lock(outdir):
+        return _logged(outdir, body)
+
+
+LOCK = ".gpu-ali3d.lock"
+
+
+@contextlib.contextmanager
+def _outdir_lock(outdir: Path):
+    """Hold an exclusive lock on outdir for the whole run (rank 0), so that two runs (two --continue of one
+    folder) cannot both write it: the second is refused at once, naming the folder."""
+    import fcntl
+
+    with open(outdir / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RuntimeError(f"{outdir}: another gpu-ali3d run is using this output directory; wait for it to "
+                               "end (or stop it), then --continue") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _tidy_for_resume(outdir: Path, state: "_State") -> None:
+    """Before a resumed run goes on: remove the temporaries a killed run left (atomic writes' hidden '.NAME.*'
+    files) and the --debug lines of the chunks it will redo (those at or after the checkpoint's position), so
+    progress.txt holds each chunk once."""
+    for tmp in outdir.glob(".*"):
+        if tmp.name != LOCK and tmp.is_file():
+            tmp.unlink()
+    progress = outdir / "progress.txt"
+    if progress.is_file():
+        keep = [line for line in progress.read_text().splitlines(keepends=True)
+                if tuple(int(v) for v in line.split()[:2]) < (state.next_iteration, state.next_chunk)]
+        with atomic_path(progress, overwrite=True) as tmp:
+            tmp.write_text("".join(keep))
+
+
+def _logged(outdir: Path, body):
     handler = logging.FileHandler(outdir / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.addHandler(handler)
@@ -371,6 +422,8 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
             backend.kernels.load(module)
     n, box, apix = len(stack), stack.box, stack.apix_A
     ou, mask, half, ctf = setup.ou, setup.mask, setup.half, setup.ctf
+    if resumed and root:
+        _tidy_for_resume(outdir, state)
     if resumed:
         say(f"resuming at iteration {state.next_iteration + 1}, chunk {state.next_chunk + 1}")
     say(f"gpu-ali3d local refinement: {n} particles, box {box}, {apix:g} A/px, ou {ou}, delta {opts.delta:g}, "
@@ -436,7 +489,8 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
                 state.save(outdir)
                 _write_json(outdir / "summary.json", [asdict(r) for r in state.records])
     refined = ParticleStack(images=stack.images, poses=poses, apix_A=stack.apix_A, ctf=stack.ctf,
-                            image_refs=stack.image_refs, meta=stack.meta)
+                            image_refs=stack.image_refs,
+                            meta={**stack.meta, "rlnRandomSubset": setup.half + 1})   # the half sets used
     state.done = True
     if not root:
         return RefineResult(poses=poses, records=state.records, outdir=outdir)
@@ -577,14 +631,20 @@ def _mask(maskfile, box: int, ou: int) -> np.ndarray:
     return mask
 
 
-def _half_sets(stack: ParticleStack) -> np.ndarray:
-    """0/1 per particle: rlnRandomSubset - 1 when the input has a valid one, else index parity (SPARX)."""
+def _half_sets(stack: ParticleStack, seed: int = 0) -> np.ndarray:
+    """0/1 per particle: rlnRandomSubset - 1 when the input has a valid one; else a random split into halves of
+    n // 2 and n - n // 2 particles drawn with ``seed`` (--seed; as RELION assigns random subsets; SPARX splits by
+    index parity, which puts neighbouring particles, often from one micrograph, in different halves). The same on
+    every MPI rank; written to particles.star as rlnRandomSubset."""
     subset = stack.meta.get("rlnRandomSubset")
     if subset is not None:
         s = np.asarray(subset).astype(np.int64) - 1
         if np.isin(s, (0, 1)).all() and 0 < s.sum() < len(s):
             return s
-    return np.arange(len(stack)) % 2
+    n = len(stack)
+    half = np.zeros(n, np.int64)
+    half[np.random.default_rng(seed).permutation(n)[n // 2:]] = 1
+    return half
 
 
 def _chunks(n: int, chunk: float) -> list[np.ndarray]:

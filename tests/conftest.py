@@ -100,3 +100,16 @@ def mpiexec() -> str:
     if launcher is None:
         missing("no mpiexec found (beside python or on PATH)")
     return launcher
+
+
+def smooth_random_map(rng, M: int):
+    """A smooth random map (Gaussian low-pass, sigma 0.15 cycles/pixel) inside a sphere of radius M // 2 - 3:
+    float64 (M, M, M), numpy order (z, y, x), centre M // 2. Shared by the objective and alignment tests."""
+    import numpy as np
+
+    vol = rng.standard_normal((M, M, M))
+    f = np.meshgrid(np.fft.fftfreq(M), np.fft.fftfreq(M), np.fft.rfftfreq(M), indexing="ij")
+    vol = np.fft.irfftn(np.fft.rfftn(vol) * np.exp(-sum(a ** 2 for a in f) / (2 * 0.15 ** 2)), s=vol.shape,
+                        axes=(0, 1, 2))
+    c = np.arange(M) - M // 2
+    return vol * ((c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2) < (M // 2 - 3) ** 2)

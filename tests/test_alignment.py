@@ -14,16 +14,12 @@ from gpu_ali3d.ctf import CTFParams
 from gpu_ali3d.geometry import angular_distance, shift_distance
 from gpu_ali3d.io.formats import read_stack
 from gpu_ali3d.options import RefineOptions
+from conftest import smooth_random_map
 
 
 def _problem(rng, n, *, interpolation, with_ctf, M=32):
     """A smooth random map in a sphere, noisy (CTF) projections at random poses, starts a few degrees off."""
-    vol = rng.standard_normal((M, M, M))
-    f = np.meshgrid(np.fft.fftfreq(M), np.fft.fftfreq(M), np.fft.rfftfreq(M), indexing="ij")
-    vol = np.fft.irfftn(np.fft.rfftn(vol) * np.exp(-sum(a ** 2 for a in f) / (2 * 0.15 ** 2)), s=vol.shape,
-                        axes=(0, 1, 2))
-    c = np.arange(M) - M // 2
-    vol *= (c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2) < (M // 2 - 3) ** 2
+    vol = smooth_random_map(rng, M)
     ref = gridding.prepare_reference(vol, interpolation=interpolation)
     true = np.column_stack([rng.uniform(0, 360, n), rng.uniform(0, 180, n), rng.uniform(0, 360, n),
                             rng.uniform(-3, 3, (n, 2))])

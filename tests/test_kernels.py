@@ -8,6 +8,7 @@ from gpu_ali3d import gridding, kernels, score
 from gpu_ali3d.backend import make_backend
 from gpu_ali3d.ctf import CTFParams
 from gpu_ali3d.geometry import rotation_matrix
+from conftest import smooth_random_map
 
 # Score tolerance. The kernel interpolates in float32 (216 taps of O(1) relative weight: ~1e-7 relative error per
 # sample, uncorrelated across samples) and accumulates in float64; measured max |difference| 2e-8 at M = 32..64.
@@ -19,12 +20,7 @@ RTOL, ATOL = 1e-5, 1e-7
 def _problem(rng, M, n_img, n_pairs, *, interpolation="kb", kb_width=6, with_ctf=True, kmax_frac=None,
              image_pad=None):
     """A smooth random map in a sphere, noisy CTF projections of it at random poses, perturbed poses to score."""
-    vol = rng.standard_normal((M, M, M))
-    f = np.meshgrid(np.fft.fftfreq(M), np.fft.fftfreq(M), np.fft.rfftfreq(M), indexing="ij")
-    vol = np.fft.irfftn(np.fft.rfftn(vol) * np.exp(-sum(a ** 2 for a in f) / (2 * 0.15 ** 2)), s=vol.shape,
-                        axes=(0, 1, 2))
-    c = np.arange(M) - M // 2
-    vol *= (c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2) < (M // 2 - 3) ** 2
+    vol = smooth_random_map(rng, M)
     ref = gridding.prepare_reference(vol, interpolation=interpolation, kb_width=kb_width)
     true = np.column_stack([rng.uniform(0, 360, n_img), rng.uniform(0, 180, n_img), rng.uniform(0, 360, n_img),
                             rng.uniform(-3, 3, (n_img, 2))])

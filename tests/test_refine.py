@@ -50,7 +50,12 @@ def test_half_sets_follow_random_subset(shared_data):
     half = _half_sets(stack)
     np.testing.assert_array_equal(half, stack.meta["rlnRandomSubset"].astype(int) - 1)
     stack.meta.pop("rlnRandomSubset")
-    np.testing.assert_array_equal(_half_sets(stack), np.arange(len(stack)) % 2)
+    # without one: a random split into n // 2 and n - n // 2, fixed by --seed, different for another seed
+    drawn = _half_sets(stack, seed=3)
+    assert drawn.sum() == len(stack) - len(stack) // 2 and set(np.unique(drawn)) == {0, 1}
+    np.testing.assert_array_equal(_half_sets(stack, seed=3), drawn)
+    assert not np.array_equal(_half_sets(stack, seed=4), drawn)
+    assert not np.array_equal(drawn, np.arange(len(stack)) % 2)
 
 
 def test_alignment_batch_fits_host_and_device_memory():

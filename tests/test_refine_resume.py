@@ -187,3 +187,42 @@ def test_write_headers_refuses_an_input_in_a_read_only_folder_before_any_work(da
     assert "--write-headers" in err and str(tmp_path) in err and "Read-only" in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists() and src.read_text() == text
+
+
+def test_killed_debug_run_resumes_with_each_chunk_logged_once_and_no_temporaries(dataset, tmp_path, capsys):
+    args = [*ARGS, "--debug"]
+    assert main(["refine", str(dataset), str(tmp_path / "whole"), *args]) == 0
+    exe = Path(sys.executable).with_name("gpu-ali3d")
+    proc = subprocess.Popen([str(exe), "refine", str(dataset), str(tmp_path / "cut"), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        pos = _checkpoint_position(tmp_path / "cut")
+        if pos is not None and pos >= (0, 1):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
+    (tmp_path / "cut" / ".summary.json.abc.json").write_text("{")       # a temporary a kill could leave
+    with open(tmp_path / "cut" / "progress.txt", "a") as f:             # and lines of a chunk it did not finish
+        f.write("  1   1       0  old partial line\n")
+    capsys.readouterr()
+    assert main(["refine", "--continue", str(tmp_path / "cut")]) == 0
+    cut = (tmp_path / "cut" / "progress.txt").read_text()
+    assert cut == (tmp_path / "whole" / "progress.txt").read_text()
+    left = sorted(p.name for p in (tmp_path / "cut").iterdir() if p.name.startswith("."))
+    assert left == [".gpu-ali3d.lock"], left
+
+
+def test_a_second_run_on_a_busy_outdir_is_refused(dataset, tmp_path, capsys):
+    from gpu_ali3d.refine import _outdir_lock
+
+    local_ali3d(str(dataset), tmp_path / "run", maxit=0, progress=False)
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    capsys.readouterr()
+    with _outdir_lock(tmp_path / "run"):                      # as a running refine holds it
+        assert main(["refine", "--continue", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another gpu-ali3d run" in err and str(tmp_path / "run") in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
