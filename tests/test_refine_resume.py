@@ -38,24 +38,30 @@ def _checkpoint_position(outdir: Path):
         return None
 
 
+def _refine_killed_after(dataset: Path, outdir: Path, args, position) -> None:
+    """Run refine in a child process and SIGKILL it (no clean-up) once its checkpoint is at or past position
+    (next iteration, next chunk); fails if the run ends first."""
+    exe = Path(sys.executable).with_name("gpu-ali3d")
+    proc = subprocess.Popen([str(exe), "refine", str(dataset), str(outdir), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        pos = _checkpoint_position(outdir)
+        if pos is not None and pos >= position:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
+
+
 def test_killed_run_resumes_to_the_same_result(dataset, tmp_path, capsys):
     # the uninterrupted run
     assert main(["refine", str(dataset), str(tmp_path / "whole"), *ARGS]) == 0
     whole = read_stack(tmp_path / "whole" / "particles.star").poses
 
     # the same run, killed (SIGKILL: no clean-up) once it has checkpointed a chunk of the second iteration
-    exe = Path(sys.executable).with_name("gpu-ali3d")
-    proc = subprocess.Popen([str(exe), "refine", str(dataset), str(tmp_path / "cut"), *ARGS],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        pos = _checkpoint_position(tmp_path / "cut")
-        if pos is not None and pos >= (1, 1):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
+    _refine_killed_after(dataset, tmp_path / "cut", ARGS, (1, 1))
     assert not (tmp_path / "cut" / "particles.star").exists()
     capsys.readouterr()
     assert main(["refine", "--continue", str(tmp_path / "cut")]) == 0
@@ -192,18 +198,7 @@ def test_write_headers_refuses_an_input_in_a_read_only_folder_before_any_work(da
 def test_killed_debug_run_resumes_with_each_chunk_logged_once_and_no_temporaries(dataset, tmp_path, capsys):
     args = [*ARGS, "--debug"]
     assert main(["refine", str(dataset), str(tmp_path / "whole"), *args]) == 0
-    exe = Path(sys.executable).with_name("gpu-ali3d")
-    proc = subprocess.Popen([str(exe), "refine", str(dataset), str(tmp_path / "cut"), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        pos = _checkpoint_position(tmp_path / "cut")
-        if pos is not None and pos >= (0, 1):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
+    _refine_killed_after(dataset, tmp_path / "cut", args, (0, 1))
     (tmp_path / "cut" / ".summary.json.abc.json").write_text("{")       # a temporary a kill could leave
     with open(tmp_path / "cut" / "progress.txt", "a") as f:             # and lines of a chunk it did not finish
         f.write("  1   1       0  old partial line\n")
