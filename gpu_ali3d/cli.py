@@ -131,6 +131,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if src.resolve() == dst.resolve():
         raise ValueError(f"{dst}: output and input are the same file")
     stack = read_stack(src)
+    for note in stack.ctf_notes:
+        print(note)
     write_stack(stack, dst, overwrite=False)
     print(f"converted {len(stack)} particles: {src} -> {dst}")
     return 0
@@ -173,20 +175,25 @@ def describe_stack(stack, path, fmt: str) -> str:
     lines = [
         f"{path}: {fmt} stack, {n} particles, {box} x {box} pixels, {stack.apix_A:g} A/pixel",
         f"  images: {n * box * box * 4 / 2**20:.1f} MiB as float32"
-        + (f", in {len({r.split('@', 1)[1] for r in stack.image_refs})} file(s)" if stack.image_refs else ""),
+        + (f", in {len({r.split('@', 1)[-1] for r in stack.image_refs})} file(s)" if stack.image_refs else ""),
         f"  phi   {p[:, 0].min():8.2f} .. {p[:, 0].max():8.2f} deg",
         f"  theta {p[:, 1].min():8.2f} .. {p[:, 1].max():8.2f} deg",
         f"  psi   {p[:, 2].min():8.2f} .. {p[:, 2].max():8.2f} deg",
         f"  shift |s| mean {shift.mean():.3f}, max {shift.max():.3f} px (sx {p[:, 3].mean():+.3f}, sy {p[:, 4].mean():+.3f} mean)",
     ]
     if stack.ctf is None:
-        lines.append("  CTF: none")
+        lines.append("  CTF: none" + (f" usable ({stack.ctf_refusal})" if stack.ctf_refusal else ""))
     else:
         c = stack.ctf
         df = 0.5 * (c.defocus_u_A + c.defocus_v_A)
         lines.append(f"  CTF: defocus {df.min() / 1e4:.3f} .. {df.max() / 1e4:.3f} um, astigmatism max "
                      f"{np.abs(c.defocus_u_A - c.defocus_v_A).max():.0f} A, {c.voltage_kV[0]:g} kV, Cs {c.cs_mm[0]:g} mm, "
                      f"amplitude contrast {c.amp_contrast[0]:g}")
+        lines += [f"  CTF note: {note}" for note in stack.ctf_notes]
+        if stack.ctf_refusal:
+            lines.append(f"  CTF not usable with --CTF: {stack.ctf_refusal}")
+    if not stack.has_poses:
+        lines.append("  poses: none (images only; refine needs a .star, .cs or .hdf with starting poses)")
     return "\n".join(lines)
 
 

@@ -33,7 +33,7 @@ from .alignment import _device_bytes_per_image, _prepared_bytes_per_image, align
 from .geometry import POSE_COLUMNS, angular_distance, rotation_matrix, shift_distance
 from .io.atomic import atomic_path
 from .io.formats import read_stack, read_volume, stack_format, write_stack, write_volume
-from .io.stack import ParticleStack
+from .io.stack import ParticleStack, check_refinable
 from .options import RefineOptions
 
 log = logging.getLogger("gpu_ali3d")
@@ -205,6 +205,7 @@ class _State:
 
 def _setup(stack: ParticleStack, opts: RefineOptions, maskfile) -> _Setup:
     ou = opts.outer_radius(stack.box)
+    check_refinable(stack, ctf=opts.CTF)     # poses present; --CTF only where the CTF can be applied
     if opts.CTF and stack.ctf is None:
         raise ValueError("--CTF given but the stack has no CTF parameters")
     return _Setup(ou=ou, mask=_mask(maskfile, stack.box, ou), half=_half_sets(stack, opts.seed),

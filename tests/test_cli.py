@@ -230,3 +230,39 @@ def test_console_script_is_installed(tmp_path, clean_star):
     assert "200 particles" in res.stdout
     res = subprocess.run([str(exe), "info", str(tmp_path / "missing.hdf")], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "missing.hdf" in res.stderr
+
+
+# ------------------------------------------------------------------------------- issue 12 (real files)
+def test_info_on_image_names_without_at(tmp_path, capsys, shared_data):
+    """item 4: a name without '@' is a whole single-image file (RELION); info describes it, no traceback; a
+    stack named without '@' is one line naming the file and the row."""
+    clean = shared_data / "relion_sim" / "clean"
+    table = starfile.read(clean / "sim.star", always_dict=True)
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        with mrcfile.new(tmp_path / f"p{k}.mrc") as mrc:
+            mrc.set_data(rng.standard_normal((64, 64)).astype(np.float32))
+    parts = table["particles"].iloc[:3].copy()
+    parts["rlnImageName"] = [f"p{k}.mrc" for k in range(3)]
+    starfile.write({"optics": table["optics"], "particles": parts}, tmp_path / "plain.star")
+    code, out, err = run_cli(capsys, "info", tmp_path / "plain.star")
+    assert code == 0 and "3 particles, 64 x 64 pixels" in out and "in 3 file(s)" in out, (out, err)
+    shutil.copyfile(clean / "sim.mrcs", tmp_path / "sim.mrcs")
+    parts["rlnImageName"] = ["p0.mrc", "sim.mrcs", "p2.mrc"]
+    starfile.write({"optics": table["optics"], "particles": parts}, tmp_path / "stack.star")
+    assert_user_error(capsys, ["info", tmp_path / "stack.star"], "stack.star: particle 2", "'sim.mrcs'",
+                      "holds 200 images")
+
+
+def test_info_on_an_old_header_mrcs(capsys, test_data):
+    """item 2: cryoDRGN's pre-2014 header stack is described, not refused."""
+    code, out, err = run_cli(capsys, "info", test_data / "cryodrgn" / "hand.5.mrcs")
+    assert code == 0 and "5 particles, 64 x 64 pixels" in out and "poses: none" in out, (out, err)
+
+
+def test_refine_on_a_bare_mrcs_is_refused_at_the_start(tmp_path, capsys, shared_data):
+    """item 9: images without poses are refused before any work (no outdir left), naming what to give."""
+    assert_user_error(capsys, ["refine", shared_data / "relion_sim" / "clean" / "sim.mrcs", tmp_path / "out",
+                               "--maxit", "1"],
+                      "sim.mrcs holds images only, no poses", "local refinement needs starting poses", ".star")
+    assert not (tmp_path / "out").exists()

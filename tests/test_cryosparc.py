@@ -97,7 +97,7 @@ def test_project_relative_paths(clean, tmp_path):
     elsewhere = tmp_path / "exports" / "groups"  # two levels down: not found without project_dir
     elsewhere.mkdir(parents=True)
     save_cs(elsewhere / "p.cs", cs)
-    with pytest.raises(FileNotFoundError, match=r"p\.cs: image stack J2/extract/sim\.mrcs not found.*project_dir"):
+    with pytest.raises(FileNotFoundError, match=r"p\.cs: image stack J2/extract/sim\.mrcs not found.*cryoSPARC project folder"):
         read_cs(elsewhere / "p.cs")
     assert_same_particles(read_cs(elsewhere / "p.cs", project_dir=tmp_path), star)
 
@@ -143,3 +143,15 @@ def test_bad_inputs(clean, tmp_path):
     cs["ctf/phase_shift_rad"] = 0.5
     with pytest.raises(ValueError, match=r"phase\.cs: .*phase-plate"):
         read_cs(save_cs(tmp_path / "phase.cs", cs))
+
+
+def test_class_number_survives_cs(tmp_path, shared_data):
+    """issue 12 item 10: rlnClassNumber (1-based) <-> alignments3D/class (0-based, cryoSPARC's)."""
+    star = read_star(shared_data / "relion_sim" / "clean" / "sim.star")
+    star.meta["rlnClassNumber"] = np.arange(len(star)) % 4 + 1
+    write_cs(star, tmp_path / "p.cs")
+    raw = np.load(tmp_path / "p.cs")
+    np.testing.assert_array_equal(raw["alignments3D/class"], np.arange(len(star)) % 4)
+    back = read_cs(tmp_path / "p.cs")
+    np.testing.assert_array_equal(back.meta["rlnClassNumber"], star.meta["rlnClassNumber"])
+    np.testing.assert_array_equal(back.meta["rlnRandomSubset"], star.meta["rlnRandomSubset"])

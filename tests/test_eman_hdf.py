@@ -497,3 +497,20 @@ def test_failed_write_leaves_nothing(tmp_path, rng):
     with pytest.raises(ValueError, match="must be a 3-D array"):
         write_hdf_volume(tmp_path / "vol.hdf", np.zeros((3, 3), np.float32))
     assert _leftovers(tmp_path, []) == []
+
+
+def test_half_sets_and_classes_survive_star_to_hdf(tmp_path, shared_data):
+    """issue 12 item 10: rlnRandomSubset and rlnClassNumber from a STAR file come back from the .hdf."""
+    import starfile
+    from gpu_ali3d.io.star import read_star
+
+    star_path = shared_data / "relion_sim" / "clean" / "sim.star"
+    table = starfile.read(star_path, always_dict=True)["particles"]
+    stack = read_star(star_path)
+    stack.meta["rlnClassNumber"] = np.arange(len(stack)) % 3 + 1
+    write_hdf_stack(stack, tmp_path / "s.hdf")
+    back = read_hdf_stack(tmp_path / "s.hdf")
+    np.testing.assert_array_equal(back.meta["rlnRandomSubset"], table["rlnRandomSubset"])
+    np.testing.assert_array_equal(back.meta["rlnClassNumber"], np.arange(len(stack)) % 3 + 1)
+    with h5py.File(tmp_path / "s.hdf", "r") as f:
+        assert f["MDF/images/5"].attrs["EMAN.rlnRandomSubset"].dtype == np.int32

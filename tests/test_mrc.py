@@ -186,3 +186,34 @@ def test_read_volume_errors(tmp_path, rng, shared_data):
         fh.truncate(5000)
     with pytest.raises(ValueError, match=r"cut\.mrc: not a readable MRC file \(truncated\?\)"):
         read_volume(cut)
+
+
+# ------------------------------------------------------------------ pre-MRC2014 headers (issue 12, item 2)
+def test_old_header_stack_from_cryodrgn_is_read(test_data):
+    """cryoDRGN's hand.5.mrcs has no 'MAP ' ID and machine stamp 0 (as RELION and mrcfile's permissive mode
+    accept): read it, with the dimensions and pixels its own header bytes give."""
+    path = test_data / "cryodrgn" / "hand.5.mrcs"
+    raw = path.read_bytes()
+    assert raw[208:212] != b"MAP "                                          # really an old header
+    nx, ny, nz, mode = np.frombuffer(raw[:16], dtype="<i4")
+    assert mode == 2
+    expected = np.frombuffer(raw[1024:], dtype="<f4").reshape(nz, ny, nx)
+    stack = read_mrc_stack(path)
+    assert (len(stack), stack.box) == (nz, nx) and not stack.has_poses
+    np.testing.assert_array_equal(stack.read_images(), expected)
+    np.testing.assert_array_equal(MrcStackImages([(path, 4), (path, 0)], "x.star").read(np.arange(2)),
+                                  expected[[4, 0]])
+
+
+def test_old_header_garbage_is_still_refused(test_data, tmp_path):
+    raw = bytearray((test_data / "cryodrgn" / "hand.5.mrcs").read_bytes())
+    short = tmp_path / "short.mrcs"
+    short.write_bytes(raw[:-100])                                          # size no longer what the header says
+    with pytest.raises(ValueError, match=r"short\.mrcs: not a readable MRC file: no 'MAP ' ID.*64 x 64 x 5 "
+                                         r"pixels.*82844 bytes"):
+        read_mrc_stack(short)
+    raw[12:16] = np.int32(77).tobytes()                                    # mode 77
+    bad_mode = tmp_path / "mode.mrcs"
+    bad_mode.write_bytes(raw)
+    with pytest.raises(ValueError, match=r"mode\.mrcs: not a readable MRC file: .*mode 77"):
+        read_mrc_stack(bad_mode)

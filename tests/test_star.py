@@ -354,3 +354,159 @@ def test_failed_write_leaves_nothing(clean, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_star(good, out / "good.star")
     assert list(out.iterdir()) == []
+
+
+# ------------------------------------------------------------------ real files from cryoDRGN (issue 12)
+from gpu_ali3d.io.mrc import write_mrc_stack  # noqa: E402
+from gpu_ali3d.io.stack import check_refinable  # noqa: E402
+
+
+def _stand_in_stacks(folder: Path, table: pd.DataFrame, box: int) -> None:
+    """Write, under folder, a random float32 stack for every file rlnImageName names, long enough for its
+    highest index (the real stacks are not in the fixtures)."""
+    rng = np.random.default_rng(0)
+    needed: dict[str, int] = {}
+    for name in table["rlnImageName"]:
+        at, _, f = str(name).partition("@")
+        needed[f] = max(needed.get(f, 0), int(at))
+    for f, n in needed.items():
+        (folder / f).parent.mkdir(parents=True, exist_ok=True)
+        write_mrc_stack(folder / f, rng.standard_normal((n, box, box)).astype(np.float32), 1.0)
+
+
+@pytest.fixture
+def pfcrt(test_data, tmp_path) -> Path:
+    """cryoDRGN's FinalRefinement-OriginalParticles-PfCRT.star (no rlnAmplitudeContrast) with stand-in stacks."""
+    star = tmp_path / "pfcrt.star"
+    shutil.copyfile(test_data / "cryodrgn" / "FinalRefinement-OriginalParticles-PfCRT.star", star)
+    _stand_in_stacks(tmp_path, starfile.read(star), 16)
+    return star
+
+
+@pytest.fixture
+def relion5(test_data, tmp_path) -> Path:
+    """cryoDRGN's relion5.star with stand-in 30-pixel stacks and rlnImageSize set to 30 (the file says 448)."""
+    star = tmp_path / "relion5.star"
+    blocks = starfile.read(test_data / "cryodrgn" / "relion5.star", always_dict=True)
+    blocks["optics"]["rlnImageSize"] = 30
+    starfile.write(blocks, star)
+    _stand_in_stacks(tmp_path, blocks["particles"], 30)
+    return star
+
+
+def _edit_block(star: Path, block: str, fn) -> Path:
+    blocks = starfile.read(star, always_dict=True)
+    blocks[block] = fn(blocks[block].copy())
+    starfile.write(blocks, star)
+    return star
+
+
+def test_star_without_amplitude_contrast_uses_relions_default(pfcrt):
+    table = starfile.read(pfcrt)
+    assert "rlnAmplitudeContrast" not in table.columns
+    stack = read_star(pfcrt)
+    np.testing.assert_array_equal(stack.ctf.defocus_u_A, table["rlnDefocusU"])
+    np.testing.assert_array_equal(stack.ctf.defocus_v_A, table["rlnDefocusV"])
+    np.testing.assert_array_equal(stack.ctf.astig_angle_deg, table["rlnDefocusAngle"])
+    np.testing.assert_array_equal(stack.ctf.voltage_kV, table["rlnVoltage"])
+    np.testing.assert_array_equal(stack.ctf.cs_mm, table["rlnSphericalAberration"])
+    assert np.all(stack.ctf.amp_contrast == 0.1)
+    assert stack.apix_A == pytest.approx(table["rlnDetectorPixelSize"][0] * 1e4 / table["rlnMagnification"][0])
+    np.testing.assert_array_equal(stack.poses[:, :3], table[ANGLES].to_numpy())
+    np.testing.assert_array_equal(stack.poses[:, 3:], table[["rlnOriginX", "rlnOriginY"]].to_numpy())
+    said = []
+    check_refinable(stack, ctf=False, say=said.append)
+    assert said == []                                          # not said when the CTF is not used
+    check_refinable(stack, ctf=True, say=said.append)
+    assert len(said) == 1 and "rlnAmplitudeContrast" in said[0] and "0.1" in said[0] and "pfcrt.star" in said[0]
+
+
+def test_star_without_voltage_is_read_and_refused_only_with_ctf(pfcrt):
+    _edit_block(pfcrt, "images", lambda t: t.drop(columns=["rlnVoltage"]))
+    stack = read_star(pfcrt)
+    assert stack.ctf is None and "rlnDefocusU" in stack.meta       # kept for the outputs
+    check_refinable(stack, ctf=False)
+    with pytest.raises(ValueError, match=r"--CTF: .*pfcrt\.star: defocus is given but rlnVoltage not"):
+        check_refinable(stack, ctf=True)
+
+
+def test_image_name_without_at_is_a_whole_single_image_file(local_copy):
+    rng = np.random.default_rng(1)
+    single = write_mrc_stack(local_copy / "one.mrcs", rng.standard_normal((1, 64, 64)).astype(np.float32), 4.0)
+    star = _edit_star(local_copy / "start.star", local_copy / "plain.star",
+                      lambda t: t.assign(rlnImageName=[single.name] + list(t["rlnImageName"][1:])))
+    stack = read_star(star)
+    np.testing.assert_array_equal(stack.read_images([0])[0], mrcfile.read(single).reshape(64, 64))
+    star = _edit_star(local_copy / "start.star", local_copy / "plain2.star",
+                      lambda t: t.assign(rlnImageName=list(t["rlnImageName"][:3]) + ["sim.mrcs"]
+                                         + list(t["rlnImageName"][4:])))
+    with pytest.raises(ValueError, match=r"plain2\.star: particle 4: rlnImageName 'sim\.mrcs' has no "
+                                         r"'index@'.*holds 200 images"):
+        read_star(star)
+
+
+def test_relion5_file_values(relion5):
+    blocks = starfile.read(relion5, always_dict=True)
+    table, optics = blocks["particles"], blocks["optics"]
+    stack = read_star(relion5)
+    assert (len(stack), stack.box, stack.apix_A) == (len(table), 30, optics["rlnImagePixelSize"][0])
+    np.testing.assert_array_equal(stack.poses[:, :3], table[ANGLES].to_numpy())
+    np.testing.assert_allclose(stack.poses[:, 3:], table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()
+                               / optics["rlnImagePixelSize"][0], rtol=1e-15)
+    np.testing.assert_array_equal(stack.ctf.defocus_u_A, table["rlnDefocusU"])
+    np.testing.assert_array_equal(stack.ctf.bfactor_A2, table["rlnCtfBfactor"])
+    assert np.all(stack.ctf.voltage_kV == optics["rlnVoltage"][0])
+    np.testing.assert_array_equal(stack.meta["rlnClassNumber"], table["rlnClassNumber"])
+    np.testing.assert_array_equal(stack.meta["rlnRandomSubset"], table["rlnRandomSubset"])
+    assert stack.ctf_refusal is None and stack.ctf_notes == []
+    check_refinable(stack, ctf=True)
+
+
+def test_relion5_image_size_must_match_the_images(relion5):
+    _edit_block(relion5, "optics", lambda t: t.assign(rlnImageSize=448))
+    with pytest.raises(ValueError, match=r"relion5\.star: rlnImageSize is 448 \(optics group 1\) but the images "
+                                         r"of particle 1 in .*toy_images_a\.mrcs are 30 pixels"):
+        read_star(relion5)
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda b: b["optics"].__setitem__("rlnImageDimensionality", 3), "rlnImageDimensionality 3 in data_optics"),
+    (lambda b: b["particles"].__setitem__("rlnTomoName", "TS_01"), "tomography file (data_particles has "
+                                                                   "rlnTomoName)"),
+    (lambda b: b.__setitem__("general", {"rlnTomoSubTomosAre2DStacks": 1}), "rlnTomoSubTomosAre2DStacks"),
+])
+def test_relion5_tomography_is_refused(relion5, edit, fragment):
+    blocks = starfile.read(relion5, always_dict=True)
+    edit(blocks)
+    starfile.write(blocks, relion5)
+    with pytest.raises(ValueError, match="relion5.star: ") as info:
+        read_star(relion5)
+    assert fragment in str(info.value) and "2-D images only" in str(info.value)
+
+
+def test_relion5_ctf_premultiplied_bfactor_and_scale(relion5):
+    _edit_block(relion5, "particles", lambda t: t.assign(rlnCtfBfactor=np.arange(len(t)) * 10.0))
+    stack = read_star(relion5)
+    np.testing.assert_array_equal(stack.ctf.bfactor_A2, starfile.read(relion5, always_dict=True)["particles"]
+                                  ["rlnCtfBfactor"])
+    _edit_block(relion5, "particles", lambda t: t.assign(rlnCtfScalefactor=[1.0] * 2 + [0.8] * (len(t) - 2)))
+    stack = read_star(relion5)
+    check_refinable(stack, ctf=False)
+    with pytest.raises(ValueError, match=r"--CTF: .*particle 3: rlnCtfScalefactor = 0\.8; only 1"):
+        check_refinable(stack, ctf=True)
+    _edit_block(relion5, "optics", lambda t: t.assign(rlnCtfDataAreCtfPremultiplied=1))
+    stack = read_star(relion5)
+    assert stack.ctf is not None                                   # still read, and written out again
+    with pytest.raises(ValueError, match=r"--CTF: .*rlnCtfDataAreCtfPremultiplied = 1.*apply it a second time"):
+        check_refinable(stack, ctf=True)
+    check_refinable(stack, ctf=False)
+
+
+def test_missing_stack_message_names_each_place_once(local_copy, monkeypatch):
+    (local_copy / "sim.mrcs").unlink()
+    monkeypatch.chdir(local_copy)
+    with pytest.raises(FileNotFoundError) as info:
+        read_star("start.star")
+    text = str(info.value)
+    where = str(local_copy / "sim.mrcs")
+    assert text.count(where) == 1 and "image_dir" not in text and "project folder" in text, text

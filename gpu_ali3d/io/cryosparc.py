@@ -3,7 +3,8 @@
 Fields used (formats.md): ``blob/path`` (bytes; a leading '>' marks a path inside the cryoSPARC project and is
 dropped), ``blob/idx`` (0-based), ``blob/shape``, ``blob/psize_A``, ``alignments3D/pose`` (rotation vector,
 radians) and ``alignments3D/shift`` (pixels) through :func:`geometry.spider_from_cryosparc`, and the ``ctf/*``
-fields. ``alignments3D/split`` (0/1) becomes ``meta["rlnRandomSubset"]`` (1/2) and ``uid`` ``meta["uid"]``;
+fields. ``alignments3D/split`` (0/1) becomes ``meta["rlnRandomSubset"]`` (1/2), ``alignments3D/class`` (0-based)
+``meta["rlnClassNumber"]`` (1-based) and ``uid`` ``meta["uid"]``;
 other fields are not kept. ``blob/sign`` is not applied (the pixels are used as stored, as for RELION stacks).
 """
 from __future__ import annotations
@@ -68,6 +69,8 @@ def read_cs(path: str | os.PathLike, *, project_dir: str | os.PathLike | None = 
     meta: dict[str, np.ndarray] = {}
     if "uid" in names:
         meta["uid"] = np.asarray(cs["uid"])
+    if "alignments3D/class" in names:  # 0-based in cryoSPARC, RELION's rlnClassNumber counts from 1
+        meta["rlnClassNumber"] = np.asarray(cs["alignments3D/class"], dtype=np.int64) + 1
     if "alignments3D/split" in names:
         split = np.asarray(cs["alignments3D/split"], dtype=np.int64)
         if np.all((split == 0) | (split == 1)):
@@ -113,9 +116,11 @@ def _resolve_files(path: Path, files: list[str], project_dir) -> dict[str, Path]
             candidates = [path.parent / p, path.parent.parent / p]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
-            raise FileNotFoundError(f"{path}: image stack {f} not found (looked for "
-                                    f"{' or '.join(str(c) for c in candidates)}); give the cryoSPARC project "
-                                    "directory (project_dir)")
+            where = " or ".join(dict.fromkeys(os.path.abspath(c) for c in candidates))
+            raise FileNotFoundError(f"{path}: image stack {f} not found (looked for {where}); blob/path is relative "
+                                    "to the cryoSPARC project folder: keep the .cs file in its job folder "
+                                    "(<project>/J<n>/) or beside the stacks' folders, or check that the stacks "
+                                    "were copied with it")
         out[f] = found
     return out
 
@@ -157,7 +162,7 @@ def _table(stack: ParticleStack, files: list[str], index: np.ndarray) -> np.ndar
     width = max(len(f.encode("utf-8")) for f in files)
     fields = [("uid", "<u8"), ("blob/path", f"S{width}"), ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)),
               ("blob/psize_A", "<f4"), ("alignments3D/split", "<u4"), ("alignments3D/pose", "<f4", (3,)),
-              ("alignments3D/shift", "<f4", (2,)), ("alignments3D/psize_A", "<f4")]
+              ("alignments3D/shift", "<f4", (2,)), ("alignments3D/psize_A", "<f4"), ("alignments3D/class", "<u4")]
     if stack.ctf is not None:
         fields += [(f, "<f4") for f in (*_CTF_FIELDS, "ctf/phase_shift_rad", "ctf/bfactor")]
     t = np.zeros(n, dtype=fields)
@@ -170,6 +175,8 @@ def _table(stack: ParticleStack, files: list[str], index: np.ndarray) -> np.ndar
         t["alignments3D/split"] = np.clip(np.asarray(stack.meta["rlnRandomSubset"], dtype=np.int64) - 1, 0, 1)
     else:
         t["alignments3D/split"] = np.arange(n) % 2
+    if "rlnClassNumber" in stack.meta:
+        t["alignments3D/class"] = np.clip(np.asarray(stack.meta["rlnClassNumber"], dtype=np.int64) - 1, 0, None)
     t["alignments3D/pose"], t["alignments3D/shift"] = cryosparc_from_spider(stack.poses)
     if stack.ctf is not None:
         c = stack.ctf

@@ -19,7 +19,8 @@ Layout (what EMAN2 writes and reads):
   value v means ``v / (2**b - 1) * (max - min) + min`` (``HdfIO2::read_data``). We read it; we always write float32.
 
 Image indices in messages are EMAN2's 0-based group numbers and are shown with their HDF path (``/MDF/images/3``);
-image references (``ParticleStack.image_refs``) are RELION-style 1-based ``"<i+1>@<path>"``.
+image references (``ParticleStack.image_refs``) are RELION-style 1-based ``"<i+1>@<path>"``. The half set and the
+3-D class (``meta`` ``rlnRandomSubset``, ``rlnClassNumber``) are kept as int attributes of those names.
 """
 from __future__ import annotations
 
@@ -53,6 +54,9 @@ _LIBVER = ("earliest", "v108")
 _CHUNK_BYTES = 256 << 20
 #: Relative spread of per-image pixel sizes (from the ctf strings) accepted as one pixel size.
 _APIX_RTOL = 1e-4
+#: Integer per-particle values kept through HDF files as ``EMAN.<label>`` int attributes (RELION's labels, since
+#: neither EMAN2 nor SPARX has a header key of that meaning): the half set (1/2) and the 3-D class (from 1).
+META_INT_KEYS = ("rlnRandomSubset", "rlnClassNumber")
 
 
 # ---------------------------------------------------------------------------------------------------- stacks
@@ -113,7 +117,8 @@ def read_hdf_stack(path: str | os.PathLike) -> ParticleStack:
     as SPARX's ``get_params_proj`` gives them (phi, theta, psi in degrees, SPIDER ZYZ; sx = -tx, sy = -ty in
     pixels); ``ctf`` from ``EMAN.ctf`` (None when no image has one); ``apix_A`` the CTF's pixel size when there is
     a CTF (SPARX computes the CTF with it), else ``EMAN.apix_x`` of image 0, else 1.0; ``image_refs``
-    ``"<i+1>@<path>"``.
+    ``"<i+1>@<path>"``; ``meta`` the :data:`META_INT_KEYS` (``EMAN.rlnRandomSubset``, ``EMAN.rlnClassNumber``)
+    that every image has.
 
     Raises
     ------
@@ -131,6 +136,7 @@ def read_hdf_stack(path: str | os.PathLike) -> ParticleStack:
         xforms = np.empty((n, 3, 4), dtype=np.float64)
         ctf_texts: list[str | None] = []
         apix_x = None
+        kept = {k: np.empty(n, dtype=np.float64) for k in META_INT_KEYS}
         for i in range(n):
             gid, dataset = _open_image(images, i, path_s)
             shape = _image_shape(dataset, i, path_s)
@@ -149,7 +155,14 @@ def read_hdf_stack(path: str | os.PathLike) -> ParticleStack:
             ctf_texts.append(_read_string_attr(gid, "ctf", path_s, i))
             if i == 0:
                 apix_x = _read_number_attr(gid, "apix_x", path_s, i)
+            for k in list(kept):
+                value = _read_number_attr(gid, k, path_s, i)
+                if value is None:
+                    del kept[k]         # kept only when every image has it
+                else:
+                    kept[k][i] = value
     box = 1 if box is None else box
+    meta = {k: v.astype(np.int64) for k, v in kept.items() if n and np.all(v == np.round(v))}
 
     poses = _poses_from_transforms(xforms, path_s)
     ctf, ctf_apix = _parse_ctfs(ctf_texts, path_s)
@@ -160,7 +173,7 @@ def read_hdf_stack(path: str | os.PathLike) -> ParticleStack:
     else:
         apix = 1.0
     return ParticleStack(images=HdfImages(path_s, n, box), poses=poses, apix_A=float(apix), ctf=ctf,
-                         image_refs=[f"{i + 1}@{path_s}" for i in range(n)])
+                         image_refs=[f"{i + 1}@{path_s}" for i in range(n)], meta=meta)
 
 
 def write_hdf_stack(stack: ParticleStack, path: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -181,6 +194,10 @@ def write_hdf_stack(stack: ParticleStack, path: str | os.PathLike, *, overwrite:
     xform = _transform_records(eman_transform_from_spider(stack.poses))
     ctf_strings = _ctf_strings(stack.ctf, stack.apix_A) if stack.ctf is not None else None
     apix = np.float32(stack.apix_A)
+    kept = {k: np.asarray(stack.meta[k]) for k in META_INT_KEYS if k in stack.meta}
+    for k, v in kept.items():
+        if not (np.issubdtype(v.dtype, np.number) and np.all(v == np.round(v))):
+            raise ValueError(f"{path}: {k} must hold integers to be stored in an HDF header; got {v[:3].tolist()}")
     chunk = max(1, _CHUNK_BYTES // (4 * box * box))
     with atomic_path(path, overwrite=overwrite) as tmp:
         with h5py.File(tmp, "w", libver=_LIBVER) as f:
@@ -192,6 +209,8 @@ def write_hdf_stack(stack: ParticleStack, path: str | os.PathLike, *, overwrite:
                     header["xform.projection"] = xform[i:i + 1]
                     if ctf_strings is not None:
                         header["ctf"] = ctf_strings[i]
+                    for key, values in kept.items():
+                        header[key] = np.int32(values[i])
                     _write_image(images, int(i), chunk_images[k], header)
             _write_attr(images.id, "imageid_max", np.int32(n - 1), replace=True)
 

@@ -7,6 +7,7 @@ the voxel size goes into the header in Angstrom.
 from __future__ import annotations
 
 import os
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
@@ -131,7 +132,7 @@ class MrcStackImages:
         if handle is None:
             path = self.files[f]
             try:
-                handle = mrcfile.mmap(path, mode="r", permissive=False)
+                handle = _open_mrc(path, mrcfile.mmap)
             except (ValueError, OSError) as exc:
                 raise ValueError(f"{self.name}: {path}: not a readable MRC file (truncated?): {exc}") from None
             self._handles[f] = handle
@@ -198,7 +199,8 @@ def write_with_images(path: Path, mrcs_path: Path | None, stack: ParticleStack, 
 
 
 def read_mrc_stack(path: str | os.PathLike) -> ParticleStack:
-    """A bare MRC stack (.mrcs) as a ParticleStack: zero poses, no CTF, pixel size from the header (1.0 if 0).
+    """A bare MRC stack (.mrcs) as a ParticleStack: no poses (zeros, ``has_poses`` False: a refinement refuses
+    it), no CTF, pixel size from the header (1.0 if 0).
 
     image_refs are ``"000001@<file name>"`` (1-based, relative to the stack's own directory).
     """
@@ -207,7 +209,12 @@ def read_mrc_stack(path: str | os.PathLike) -> ParticleStack:
     images = MrcStackImages([(path, i) for i in range(n)], str(path))
     apix = mrc_voxel_size(path)
     return ParticleStack(images=images, poses=np.zeros((n, 5)), apix_A=apix if apix is not None else 1.0, ctf=None,
-                         image_refs=[f"{i + 1:06d}@{path.name}" for i in range(n)])
+                         image_refs=[f"{i + 1:06d}@{path.name}" for i in range(n)], has_poses=False)
+
+
+def mrc_section_count(path: str | os.PathLike) -> int:
+    """The number of sections (images of a stack) in an MRC file, from its checked header."""
+    return int(_checked_header(Path(path)).nz)
 
 
 def mrc_voxel_size(path: str | os.PathLike) -> float | None:
@@ -254,7 +261,7 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, float | None]:
     path = Path(path)
     _checked_header(path)
     try:
-        with mrcfile.open(path, mode="r", permissive=False) as mrc:
+        with _open_mrc(path) as mrc:
             data = np.asarray(mrc.data, dtype=np.float32).copy()
             vs = mrc.voxel_size
             voxel = (float(vs.x), float(vs.y), float(vs.z))
@@ -298,14 +305,19 @@ def write_volume(path: str | os.PathLike, vol: np.ndarray, apix_A: float | None 
 # ------------------------------------------------------------------------------------------------------ helpers
 def _checked_header(path: Path):
     """The header of an MRC file, after checking that the file exists, parses, has a real-valued mode and is at
-    least as long as the header says (truncated files are the common failure)."""
+    least as long as the header says (truncated files are the common failure).
+
+    Headers from before the MRC2014 standard (no ``MAP `` ID at byte 208, machine stamp often 0; e.g. cryoDRGN's
+    and many older programs' stacks) are accepted, as RELION and ``mrcfile``'s permissive mode accept them, when
+    the rest of the header is sane: a real-valued mode, positive dimensions and a file size that is exactly what
+    the header describes. Anything else is refused naming the file."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: MRC file not found")
     try:
         with mrcfile.open(path, mode="r", header_only=True, permissive=False) as mrc:
             header = mrc.header.copy()
     except (ValueError, OSError) as exc:
-        raise ValueError(f"{path}: not a readable MRC file (truncated?): {exc}") from None
+        header = _legacy_header(path, exc)
     mode = int(header.mode)
     if mode not in _REAL_MODES:
         raise ValueError(f"{path}: MRC mode {mode} is not supported (expected real pixels: modes {_REAL_MODES})")
@@ -317,6 +329,50 @@ def _checked_header(path: Path):
                          f"sections of {int(header.nx)} x {int(header.ny)} pixels ({expected} bytes) but the file "
                          f"has {actual} bytes")
     return header
+
+
+def _legacy_header(path: Path, strict_error: Exception):
+    """The header of a pre-MRC2014 file (no map ID) when it is otherwise sane; ValueError naming the file if not."""
+    reason = f"not a readable MRC file (truncated?): {strict_error}"
+    if not any(k in str(strict_error).lower() for k in ("map id", "machine stamp")):
+        raise ValueError(f"{path}: {reason}") from None
+    why = "no header"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mrcfile.open(path, mode="r", header_only=True, permissive=True) as mrc:
+                header = mrc.header.copy() if mrc.header is not None else None
+    except (ValueError, OSError) as exc:
+        header = None
+        why = str(exc)
+    if header is None:
+        raise ValueError(f"{path}: not a readable MRC file: no 'MAP ' ID at byte 208, and the header cannot be read as an "
+                         f"older MRC header either ({why}); check that it is "
+                         "an MRC stack and was copied completely") from None
+    mode, nx, ny, nz, nsymbt = (int(header.mode), int(header.nx), int(header.ny), int(header.nz),
+                                int(header.nsymbt))
+    size = path.stat().st_size
+    sane = mode in _REAL_MODES and min(nx, ny, nz) > 0 and nsymbt >= 0
+    if sane:
+        expected = 1024 + nsymbt + nx * ny * nz * mrcfile.utils.dtype_from_mode(mode).itemsize
+        sane = expected == size
+    if not sane:
+        raise ValueError(f"{path}: not a readable MRC file: no 'MAP ' ID at byte 208, and the header is not that of an older "
+                         f"MRC file either (mode {mode}, {nx} x {ny} x {nz} pixels, {nsymbt} extended header bytes "
+                         f"for a file of {size} bytes); check that it is an MRC stack and was copied completely")
+    return header
+
+
+def _open_mrc(path: Path, opener=mrcfile.open, **kwargs):
+    """``opener(path, mode="r", ...)``, strict first; a pre-MRC2014 file that :func:`_checked_header` accepts is
+    opened in mrcfile's permissive mode (its warnings about the missing map ID silenced)."""
+    try:
+        return opener(path, mode="r", permissive=False, **kwargs)
+    except ValueError as exc:
+        _legacy_header(path, exc)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return opener(path, mode="r", permissive=True, **kwargs)
 
 
 def _as_source(images_or_source) -> ImageSource:

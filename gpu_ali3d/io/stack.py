@@ -61,6 +61,11 @@ class ParticleStack:
     image_refs : for each image, where it lives, as ``"index@path"`` with a 1-based index (RELION's form) for
         every format, MRC stacks and HDF files alike; path as the source gave it (relative to the metadata file).
     meta : extra per-particle columns (arrays of length n) kept through conversions, e.g. ``rlnRandomSubset``.
+    has_poses : False when the source holds no poses at all (a bare MRC stack: ``poses`` are zeros then).
+    ctf_notes : what the reader assumed about the CTF, to be said once where the CTF is used or shown (e.g. RELION's
+        default amplitude contrast for a file without one).
+    ctf_refusal : why the CTF must not be applied (``--CTF`` is refused with this message), or None: CTF columns
+        incomplete, images already multiplied by their CTF, a CTF scale factor we cannot apply.
     """
 
     images: ImageSource
@@ -69,6 +74,9 @@ class ParticleStack:
     ctf: CTFParams | None = None
     image_refs: list[str] | None = None
     meta: dict[str, np.ndarray] = field(default_factory=dict)
+    has_poses: bool = True
+    ctf_notes: list[str] = field(default_factory=list)
+    ctf_refusal: str | None = None
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -115,3 +123,32 @@ def check_finite(images: np.ndarray, name: str, indices) -> None:
     if not ok.all():
         i = int(np.asarray(indices).reshape(-1)[np.nonzero(~ok)[0][0]])
         raise ValueError(f"{name}: image {i + 1} (1-based) contains NaN or inf pixels")
+
+
+def check_refinable(stack: ParticleStack, *, ctf: bool, say=None) -> None:
+    """Refuse, before any work, a stack that a local refinement cannot use as asked; say its reader's notes once.
+
+    ValueError when the stack has no starting poses (a bare MRC stack), or when ``ctf`` (``--CTF``) is asked for
+    but the CTF cannot be applied (``stack.ctf_refusal``: incomplete CTF columns, CTF-premultiplied images, a CTF
+    scale factor other than 1). With ``ctf``, ``say`` (default: print on MPI rank 0 only) gets each of
+    ``stack.ctf_notes``.
+    """
+    if not stack.has_poses:
+        raise ValueError(f"{_source_name(stack)} holds images only, no poses: local refinement needs starting poses; "
+                         "give a .star (RELION), .cs (cryoSPARC) or .hdf (EMAN2/SPARX) file with the particles' "
+                         "poses from a 3D refinement or classification")
+    if ctf and stack.ctf_refusal is not None:
+        raise ValueError(f"--CTF: {stack.ctf_refusal}")
+    if not ctf or not stack.ctf_notes:
+        return
+    if say is None:
+        from ..parallel import world
+
+        say = print if world().rank == 0 else (lambda text: None)
+    for note in stack.ctf_notes:
+        say(note)
+
+
+def _source_name(stack: ParticleStack) -> str:
+    name = getattr(stack.images, "name", None)
+    return str(name) if name else "the stack"

@@ -29,7 +29,7 @@ import starfile
 from ..ctf import from_relion, to_relion
 from ..geometry import relion_to_spider, spider_to_relion
 from .atomic import refuse_existing
-from .mrc import MrcStackImages, mrc_voxel_size, plan_image_refs, write_with_images
+from .mrc import MrcStackImages, mrc_section_count, mrc_voxel_size, plan_image_refs, write_with_images
 from .stack import ParticleStack
 
 #: Prefix of the ``stack.meta`` keys that hold the optics table, one value per particle.
@@ -48,6 +48,8 @@ _OPTICS_PER_PARTICLE_30 = (*_OPTICS_CTF, "rlnBeamTiltX", "rlnBeamTiltY")
 #: Optics values RELION needs to read a 3.1 file; written only when the stack has no CTF and no kept values.
 _OPTICS_PLACEHOLDERS = {"rlnVoltage": 300.0, "rlnSphericalAberration": 2.7, "rlnAmplitudeContrast": 0.1}
 _FLOAT_FORMAT = "%.12g"
+#: RELION's amplitude contrast when a file gives none (``MlOptimiser``/``CTF::readByGroup`` default, 0.1).
+RELION_DEFAULT_AMPLITUDE_CONTRAST = 0.1
 
 
 def is_star(path: str | os.PathLike) -> bool:
@@ -85,6 +87,7 @@ def read_star(path: str | os.PathLike, *, image_dir: str | os.PathLike | None = 
         raise ValueError(f"{path}: not a readable STAR file: {exc}") from None
     blocks = {k: (pd.DataFrame([v]) if isinstance(v, dict) else v) for k, v in blocks.items()}
     particles = _particle_table(path, blocks)
+    _refuse_tomography(path, blocks)
     n = len(particles)
     optics = blocks.get("optics")
     cols = {c: particles[c].to_numpy() for c in particles.columns}
@@ -101,15 +104,17 @@ def read_star(path: str | os.PathLike, *, image_dir: str | os.PathLike | None = 
             "global search), not a file from extraction or 2D classification")
 
     names = [str(s) for s in merged["rlnImageName"]]
-    files, index = _parse_image_names(path, names)
+    files, index, whole = _parse_image_names(path, names)
     resolved = _resolve_files(path, sorted(set(files)), image_dir)
+    _check_whole_files(path, names, files, whole, resolved)
     images = MrcStackImages([(resolved[f], i) for f, i in zip(files, index)], str(path))
+    _check_image_size(path, merged, images)
 
     apix = _pixel_size(path, merged, images)
     origins_px = _origins_px(path, merged, apix)
     rot, tilt, psi = (_numbers(path, merged, c) for c in _ANGLES)
     poses = relion_to_spider(rot, tilt, psi, origins_px[0], origins_px[1], 1.0)
-    ctf = _ctf(path, merged)
+    ctf, ctf_notes, ctf_refusal = _ctf(path, merged)
 
     consumed = set(_CONSUMED) | (set(_CONSUMED_CTF) if ctf is not None else set())
     meta: dict[str, np.ndarray] = {}
@@ -122,7 +127,8 @@ def read_star(path: str | os.PathLike, *, image_dir: str | os.PathLike | None = 
         if c == "rlnOpticsGroup" or c not in consumed:
             meta[OPTICS_PREFIX + c] = v
     try:
-        return ParticleStack(images=images, poses=poses, apix_A=apix, ctf=ctf, image_refs=names, meta=meta)
+        return ParticleStack(images=images, poses=poses, apix_A=apix, ctf=ctf, image_refs=names, meta=meta,
+                             ctf_notes=ctf_notes, ctf_refusal=ctf_refusal)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
 
@@ -179,14 +185,17 @@ def _spread_optics(path: Path, optics: pd.DataFrame, cols: dict, n: int) -> dict
     return {c: optics[c].to_numpy()[rows] for c in optics.columns}
 
 
-def _parse_image_names(path: Path, names: list[str]) -> tuple[list[str], list[int]]:
-    """``index@file`` (1-based) -> (file names, 0-based indices). A name without '@' is image 1 of its file;
-    RELION's type suffixes ``:mrcs`` / ``:mrc`` are dropped."""
+def _parse_image_names(path: Path, names: list[str]) -> tuple[list[str], list[int], np.ndarray]:
+    """``index@file`` (1-based) -> (file names, 0-based indices, which names had no '@'). A name without '@' is,
+    as in RELION, the whole file: a single-image file (image 1; :func:`_check_whole_files` checks that it holds
+    one image). RELION's type suffixes ``:mrcs`` / ``:mrc`` are dropped."""
     files, index = [], []
+    whole = np.zeros(len(names), dtype=bool)
     for k, name in enumerate(names):
         at, sep, file = name.partition("@")
         if not sep:
             at, file = "1", name
+            whole[k] = True
         for suffix in (":mrcs", ":mrc"):
             if file.endswith(suffix):
                 file = file[: -len(suffix)]
@@ -199,7 +208,54 @@ def _parse_image_names(path: Path, names: list[str]) -> tuple[list[str], list[in
                              "'index@stack.mrcs' with a 1-based index")
         files.append(file)
         index.append(i - 1)
-    return files, index
+    return files, index, whole
+
+
+def _check_whole_files(path: Path, names: list[str], files: list[str], whole: np.ndarray,
+                       resolved: dict[str, Path]) -> None:
+    """A name without '@' means the whole file (RELION): it must hold one 2-D image, not a stack."""
+    checked: dict[str, int] = {}
+    for k in np.nonzero(whole)[0]:
+        f = files[k]
+        if f not in checked:
+            checked[f] = mrc_section_count(resolved[f])
+        if checked[f] != 1:
+            raise ValueError(f"{path}: particle {k + 1}: rlnImageName {names[k]!r} has no 'index@' and so names the "
+                             f"whole file, but {resolved[f]} holds {checked[f]} images; write 'index@{f}' "
+                             "(1-based) for an image of a stack")
+
+
+def _refuse_tomography(path: Path, blocks: dict) -> None:
+    """RELION 5 tomography files (subtomograms or tilt-series stacks per particle) are not single-particle data."""
+    for name, table in blocks.items():
+        if not isinstance(table, pd.DataFrame):
+            continue
+        tomo = [c for c in table.columns if str(c).startswith("rlnTomo")]
+        if tomo:
+            raise ValueError(f"{path}: a RELION tomography file (data_{name} has {tomo[0]}): its particles are "
+                             "subtomograms or tilt series, and gpu-ali3d refines single-particle 2-D images only; "
+                             "refine them with RELION's tomography pipeline")
+        if "rlnImageDimensionality" in table.columns:
+            dims = pd.to_numeric(table["rlnImageDimensionality"], errors="coerce").to_numpy()
+            if np.any(dims != 2):
+                bad = table["rlnImageDimensionality"].to_numpy()[dims != 2][0]
+                raise ValueError(f"{path}: rlnImageDimensionality {bad} in data_{name}: the particles are 3-D "
+                                 "(subtomograms) and gpu-ali3d refines single-particle 2-D images only; refine "
+                                 "them with RELION's tomography pipeline")
+
+
+def _check_image_size(path: Path, cols: dict, images: MrcStackImages) -> None:
+    """rlnImageSize (data_optics, or per particle in 3.0) must be the box of the images the file points at."""
+    if "rlnImageSize" not in cols:
+        return
+    size = pd.to_numeric(pd.Series(cols["rlnImageSize"]), errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.nonzero(size != images.box)[0]
+    if bad.size:
+        k = int(bad[0])
+        group = f" (optics group {cols['rlnOpticsGroup'][k]})" if "rlnOpticsGroup" in cols else ""
+        raise ValueError(f"{path}: rlnImageSize is {cols['rlnImageSize'][k]}{group} but the images of particle "
+                         f"{k + 1} in {images.files[int(images._file_id[k])]} are {images.box} pixels; correct "
+                         "rlnImageSize or the image paths")
 
 
 def _resolve_files(path: Path, files: list[str], image_dir) -> dict[str, Path]:
@@ -215,9 +271,11 @@ def _resolve_files(path: Path, files: list[str], image_dir) -> dict[str, Path]:
             candidates = [base / p, p]  # beside the STAR file, then RELION's project-relative convention
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
-            where = " or ".join(str(c) for c in candidates)
-            raise FileNotFoundError(f"{path}: image stack {f} not found (looked for {where}); "
-                                    "give the directory the stacks are relative to (image_dir)")
+            where = " or ".join(dict.fromkeys(os.path.abspath(c) for c in candidates))
+            raise FileNotFoundError(f"{path}: image stack {f} not found (looked for {where}); image paths in a "
+                                    "STAR file are relative to the RELION project folder or to the STAR file's "
+                                    "folder: run gpu-ali3d from the project folder, or check that the stacks "
+                                    "were copied with the STAR file")
         out[f] = found
     return out
 
@@ -272,21 +330,46 @@ def _origins_px(path: Path, cols: dict, apix: float) -> tuple[np.ndarray, np.nda
 
 
 def _ctf(path: Path, cols: dict):
+    """(CTFParams or None, notes to say once, why --CTF must be refused or None).
+
+    Only what the CTF needs is required, and only when it is used: without rlnVoltage or rlnSphericalAberration
+    the stack has no CTF (and --CTF is refused, saying what is missing); without rlnAmplitudeContrast RELION's
+    default 0.1 is used (and said). rlnCtfBfactor is the envelope B-factor (``bfactor_A2``, RELION's sign).
+    Images already multiplied by their CTF (rlnCtfDataAreCtfPremultiplied = 1) or with an rlnCtfScalefactor other
+    than 1 (CTFParams has no scale) keep their CTF for the outputs but refuse --CTF."""
     if "rlnDefocusU" not in cols:
-        return None
-    missing = [c for c in _OPTICS_CTF if c not in cols]
+        return None, [], None
+    missing = [c for c in ("rlnVoltage", "rlnSphericalAberration") if c not in cols]
     if missing:
-        raise ValueError(f"{path}: defocus is given but {', '.join(missing)} not (needed for the CTF); add them "
-                         "to data_optics (RELION 3.1) or to every particle (3.0)")
+        return None, [], (f"{path}: defocus is given but {', '.join(missing)} not (needed for the CTF); add them "
+                          "to data_optics (RELION 3.1) or to every particle (3.0), or run without --CTF")
     if "rlnPhaseShift" in cols and np.any(np.abs(np.asarray(cols["rlnPhaseShift"], dtype=float)) > 1e-6):
         raise ValueError(f"{path}: rlnPhaseShift is not zero; phase-plate CTFs are not supported")
+    notes = []
+    if "rlnAmplitudeContrast" not in cols:
+        notes.append(f"{path}: no rlnAmplitudeContrast; using RELION's default amplitude contrast "
+                     f"{RELION_DEFAULT_AMPLITUDE_CONTRAST:g} for the CTF")
     f = lambda c, default=None: np.asarray(cols[c] if c in cols else default, dtype=float)  # noqa: E731
     try:
-        return from_relion(f("rlnDefocusU"), f("rlnDefocusV", cols["rlnDefocusU"]), f("rlnDefocusAngle", 0.0),
-                           f("rlnVoltage"), f("rlnSphericalAberration"), f("rlnAmplitudeContrast"),
-                           f("rlnCtfBfactor", 0.0))
+        ctf = from_relion(f("rlnDefocusU"), f("rlnDefocusV", cols["rlnDefocusU"]), f("rlnDefocusAngle", 0.0),
+                          f("rlnVoltage"), f("rlnSphericalAberration"),
+                          f("rlnAmplitudeContrast", RELION_DEFAULT_AMPLITUDE_CONTRAST), f("rlnCtfBfactor", 0.0))
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
+    refusal = None
+    if "rlnCtfDataAreCtfPremultiplied" in cols:
+        premultiplied = pd.to_numeric(pd.Series(cols["rlnCtfDataAreCtfPremultiplied"]), errors="coerce").to_numpy()
+        if np.any(premultiplied != 0):
+            refusal = (f"{path}: rlnCtfDataAreCtfPremultiplied = 1: the images were already multiplied by their "
+                       "CTF, and --CTF would apply it a second time (not supported); re-extract the particles "
+                       "without CTF premultiplication, or run without --CTF")
+    if refusal is None and "rlnCtfScalefactor" in cols:
+        scale = f("rlnCtfScalefactor")
+        if np.any(np.abs(scale - 1.0) > 1e-6):
+            k = int(np.nonzero(np.abs(scale - 1.0) > 1e-6)[0][0])
+            refusal = (f"{path}: particle {k + 1}: rlnCtfScalefactor = {scale[k]:g}; only 1 is supported (the CTF "
+                       "scale is not applied); set rlnCtfScalefactor to 1, or run without --CTF")
+    return ctf, notes, refusal
 
 
 # ----------------------------------------------------------------------------------------------- write helpers
