@@ -4,7 +4,7 @@ Run (from the repository root, in the project's environment with the ``[cuda12]`
 
     python bench/gpu_check.py                         # every part, about 4 minutes on one GPU
     python bench/gpu_check.py --skip tests model      # some parts
-    python bench/gpu_check.py --device 1 --out /tmp/check.json
+    python bench/gpu_check.py --device 1 --out bench/runs/check.json
 
 Parts, in order (each timed; one failing does not stop the others):
 

@@ -73,7 +73,7 @@ def align_poses(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, backe
                            samples=int(np.pi * (kmax / ref.N * box) ** 2 / 2) + 1)
     for start in tqdm(range(0, len(poses), size), desc=label, unit="batch", disable=not progress, leave=False):
         sl = slice(start, min(start + size, len(poses)))
-        prep = prepare_images(images[sl], ou, ctf=ctf[np.arange(sl.start, sl.stop)] if ctf is not None else None,
+        prep = prepare_images(images[sl], ou, ctf=ctf[sl] if ctf is not None else None,
                               apix_A=apix, kmax=kmax, image_pad=IMAGE_PAD)
         if backend is None:
             best, fbest, f0, evals, steps = _align_reference(ref, prep, poses[sl], opts)
@@ -93,8 +93,8 @@ def align_kernel(backend, kref, kimg, x0, scales, *, ftol: float, xtol: float, i
     x0 : float64 (n, 5), C-contiguous, backend array: start poses phi, theta, psi (degrees), sx, sy (pixels).
     scales : float64 (n, 5), C-contiguous, backend array: initial steps (:func:`gpu_ali3d.simplex.local_ali3d_scales`),
         finite and nonzero. ftol, xtol, itmax : as :func:`gpu_ali3d.simplex.amoeba_scalar`.
-    check_scales : read the scales' validity back from the device (one sync); callers that made and checked them
-        on the host (:func:`_align_fused`) pass False.
+    check_scales : read the scales' validity back from the device (one sync); callers whose scales come from
+        local_ali3d_scales (it refuses a bad delta or ts; :func:`_align_fused`) pass False.
 
     Returns backend arrays ``(x_best, f_best, steps, evals, f0)``: float64 (n, 5) best pose (x0 where it scores
     worse than x0), float64 (n,) its score, int64 (n,) completed steps, int64 (n,) objective evaluations (the 6
@@ -141,7 +141,7 @@ def _align_fused(backend, kref, prep, poses, opts):
     """One batch through kernels/align.cu; host arrays (best, fbest, f0, evaluations, steps) come back.
 
     What a GPU pays per batch (tests/test_gpu_budget.py): the prepared images' upload (:func:`kernel_images`), one
-    upload of the start poses and scales (made and checked on the host, where the poses are), one launch, and one
+    upload of the start poses and scales (made on the host, where the poses are), one launch, and one
     copy back of the packed results: one sync."""
     from .kernels import kernel_images
     from .simplex import SPARX_SERIAL, local_ali3d_scales
@@ -149,8 +149,7 @@ def _align_fused(backend, kref, prep, poses, opts):
     xp = backend.xp
     kimg = kernel_images(backend, prep)
     x0 = np.ascontiguousarray(poses, dtype=np.float64)
-    scales = local_ali3d_scales(x0[:, 1], opts.delta, opts.ts)
-    _check_scales_host(scales)
+    scales = local_ali3d_scales(x0[:, 1], opts.delta, opts.ts)       # finite and nonzero: it checks delta and ts
     start = xp.asarray(np.stack([x0, scales]))              # (2, n, 5): one copy; [0] and [1] are C-contiguous
     packed = _launch_align(backend, kref, kimg, start[0], start[1], check_scales=False, **SPARX_SERIAL)
     best, fbest, steps, evals, f0 = _unpack_results(backend.to_host(packed), len(kimg))
@@ -199,11 +198,6 @@ def _unpack_results(packed, n: int):
     steps = packed[d + 2 * n:d + 3 * n].view(np.int64)
     evals = packed[d + 3 * n:d + 4 * n].view(np.int64)
     return x_best, f_best, steps, evals, f0
-
-
-def _check_scales_host(scales: np.ndarray) -> None:
-    if scales.size and not np.all(np.isfinite(scales) & (scales != 0.0)):
-        raise ValueError(_BAD_SCALES)
 
 
 def _align_reference(ref, prep, poses, opts):

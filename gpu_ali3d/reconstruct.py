@@ -315,7 +315,7 @@ def insert_transforms_kernel(acc: FourierAccumulator, transforms, weights, poses
     samples = np.flatnonzero(keep).astype(np.int32)
     insert_sums(backend, xp.ascontiguousarray(xp.asarray(transforms, dtype=np.complex64)),
                 None if weights is None else xp.ascontiguousarray(xp.asarray(weights, dtype=np.float32)),
-                xp.asarray(mates), xp.asarray(samples), acc.data, acc.weights, deterministic=deterministic,
+                xp.asarray(mates), samples, acc.data, acc.weights, deterministic=deterministic,
                 scratch=scratch, trilinear=trilinear)
 
 
@@ -332,8 +332,8 @@ def insert_sums(backend, transforms, weights, mates, samples, data, wsum, *, det
     transforms : complex64 (n, L, L // 2 + 1), C-contiguous backend array (:func:`slice_transforms` layout); L = Np
     for nearest neighbour, L = M (npad = 1 transforms) with ``trilinear``, where L must divide Np.
     weights : float32 (n or 1, L, L // 2 + 1) CTF^2, or None (weight 1). mates : float64 (n, k, 3, 3), R @ S per
-    image and symmetry operator. samples : int32 (S,), flat indices of the kept half-plane samples of an L plane
-    (:func:`_kept_samples`). data : complex128 (Np, Np, Np // 2 + 1), wsum : float64, same shape
+    image and symmetry operator. samples : int32 (S,) host (numpy) array, flat indices of the kept half-plane
+    samples of an L plane (:func:`_kept_samples`): they are known on the host, checked there and uploaded once. data : complex128 (Np, Np, Np // 2 + 1), wsum : float64, same shape
     (:class:`FourierAccumulator` layout), added to in place.
     trilinear : spread each sample at (Np / L) (R S).T k over its 8 voxels (:func:`insert_transforms_trilinear`);
         False: the nearest voxel (:func:`insert_transforms`, L = Np).
@@ -364,11 +364,10 @@ def insert_sums(backend, transforms, weights, mates, samples, data, wsum, *, det
     k = mates.shape[1] if getattr(mates, "ndim", 0) == 4 else -1
     _check_array("mates", mates, np.float64, (n, k, 3, 3), xp)
     s = samples.shape[0] if getattr(samples, "ndim", 0) == 1 else -1
-    _check_array("samples", samples, np.int32, (s,), xp)
-    samples_host = backend.to_host(samples)          # checked here, and the deterministic scales need it: one copy
-    if s and (int(samples_host.min()) < 0 or int(samples_host.max()) >= plane[0] * plane[1]):
-        raise ValueError(f"samples must index one {plane} plane; got {int(samples_host.min())}.."
-                         f"{int(samples_host.max())}")
+    _check_array("samples", samples, np.int32, (s,), np)
+    if s and (int(samples.min()) < 0 or int(samples.max()) >= plane[0] * plane[1]):
+        raise ValueError(f"samples must index one {plane} plane; got {int(samples.min())}..{int(samples.max())}")
+    samples_dev = xp.asarray(samples)
     if n == 0 or k == 0 or s == 0:
         return
     has_w = weights is not None
@@ -377,7 +376,7 @@ def insert_sums(backend, transforms, weights, mates, samples, data, wsum, *, det
 
     def launch(out_data, out_w, scale_v, scale_w, mode):
         backend.kernels.launch("insert", "insert", n * k, [
-            transforms, np.int64(n), np.int32(side), np.int32(n_p), np.float64(n_p // side), samples, np.int32(s),
+            transforms, np.int64(n), np.int32(side), np.int32(n_p), np.float64(n_p // side), samples_dev, np.int32(s),
             w_arg, np.int64(w_stride), np.int32(has_w), mates, np.int32(k), out_data, out_w, scale_v, scale_w,
             np.int32(mode), np.int32(trilinear)])
 
@@ -386,7 +385,7 @@ def insert_sums(backend, transforms, weights, mates, samples, data, wsum, *, det
         launch(data, wsum, unused, unused, 0)
         return
     scale_v, scale_w = _shell_scales(xp, transforms, weights, samples, n_p, k, side=side,
-                                     reach=2 if trilinear else 1, samples_host=samples_host)
+                                     reach=2 if trilinear else 1, samples_dev=samples_dev)
     if scratch is None:
         scratch, scratch_w = new_scratch(backend, n_p)
     else:
@@ -648,7 +647,7 @@ def _kept_samples(n_p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _shell_scales(xp, transforms, weights, samples, n_p: int, n_mates: int, *, side: int | None = None,
-                  reach: int = 1, samples_host: np.ndarray | None = None):
+                  reach: int = 1, samples_dev=None):
     """The power-of-two scales of the deterministic insert, per shell sh = floor(|i|) of voxel coordinates i.
 
     A sample at q (3-D grid units: q = (Np / side) k for a sample k of a side x side plane) reaches a voxel i with
@@ -656,8 +655,8 @@ def _shell_scales(xp, transforms, weights, samples, n_p: int, n_mates: int, *, s
     voxels of shell sh only receive samples with floor(|q|) in sh - reach .. sh + reach; B[sh] = n_mates * (sum of
     |value| over those samples of every image) bounds the sum of |contributions| to any voxel of the shell (each
     trilinear contribution is the value times a weight <= 1), and scale = 2^(51 - e) with B < 2^e keeps every
-    fixed-point partial sum below 2^52 (exact in float64). samples_host : a host copy of ``samples`` (needed when
-    xp is not numpy). Returns (scale_v, scale_w): float64 (n_shells,) backend arrays.
+    fixed-point partial sum below 2^52 (exact in float64). samples : int32 host array; samples_dev : its copy on
+    xp's device (default: uploaded here). Returns (scale_v, scale_w): float64 (n_shells,) backend arrays.
     """
     side = n_p if side is None else side
     n = transforms.shape[0]
@@ -665,18 +664,17 @@ def _shell_scales(xp, transforms, weights, samples, n_p: int, n_mates: int, *, s
     n_shells = math.isqrt(3 * (n_p // 2) ** 2) + 2
     # The per-sample sums of |value| and |weight| are made on the device and come back as one (2, S) array (one
     # sync); the shells of the samples and the bounds are host work on n_shells numbers; the scales go up.
-    on_host = np.asarray(samples) if xp is np else samples_host
-    samples_dev = samples if xp is not np else on_host
+    samples_dev = xp.asarray(samples) if samples_dev is None else samples_dev
     _, kx, ky = _kept_samples(side)
     factor = (n_p // side) ** 2
-    r2 = (kx * kx + ky * ky).ravel()[on_host] * factor                        # (S,) int64 |q|^2
+    r2 = (kx * kx + ky * ky).ravel()[samples] * factor                        # (S,) int64 |q|^2
     bins = np.floor(np.sqrt(r2.astype(np.float64))).astype(np.int64)           # floor(|q|), made exact:
     bins -= (bins * bins > r2)
     bins += ((bins + 1) * (bins + 1) <= r2)
     values = transforms.reshape(n, side * half)[:, samples_dev]
     abs_v = xp.abs(values.astype(np.complex128)).sum(axis=0)                  # (S,) float64
     if weights is None:
-        abs_w = xp.full(on_host.shape[0], float(n), np.float64)
+        abs_w = xp.full(samples.shape[0], float(n), np.float64)
     else:
         w = xp.abs(weights.reshape(weights.shape[0], side * half)[:, samples_dev].astype(np.float64)).sum(axis=0)
         abs_w = w * (n if weights.shape[0] == 1 else 1)
