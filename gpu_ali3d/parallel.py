@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -274,12 +275,16 @@ def abort_on_error(comm, *, prog: str = "gpu-ali3d"):
         text = " ".join(str(exc).split()) or type(exc).__name__
         print(f"{prog}: error on MPI rank {comm.rank} of {comm.size}: {text}; stopping all ranks",
               file=sys.stderr, flush=True)
+        # The launcher forwards a rank's stderr through a pipe that MPI_Abort may kill before it is drained
+        # (seen with MPICH's hydra under load): give it a moment so the one line above reaches the user.
+        time.sleep(_ABORT_GRACE_S)
         comm.abort(2 if user else 1)
         raise                                            # not reached under MPI
 
 
 # ----------------------------------------------------------------------------------------------- helpers
 _TAG_REDUCE = 7301
+_ABORT_GRACE_S = 1.0          # seconds between a failing rank's message and MPI_Abort
 
 
 def _rebuildable(cls) -> bool:
