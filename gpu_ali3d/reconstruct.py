@@ -320,9 +320,9 @@ def insert_transforms_kernel(acc: FourierAccumulator, transforms, weights, poses
 
 
 def new_scratch(backend, n_p: int):
-    """Zeroed fixed-point grids for :func:`insert_sums` (deterministic mode), to reuse over many calls."""
-    shape = (n_p, n_p, n_p // 2 + 1)
-    return backend.xp.zeros(shape, np.complex128), backend.xp.zeros(shape, np.float64)
+    """The zeroed fixed-point grid of :func:`insert_sums` (deterministic mode), to reuse over many calls: float64
+    (Np, Np, Np // 2 + 1, 3), each voxel's value (re, im) and weight side by side (kernels/insert.cu)."""
+    return backend.xp.zeros((n_p, n_p, n_p // 2 + 1, 3), np.float64)
 
 
 def insert_sums(backend, transforms, weights, mates, samples, data, wsum, *, deterministic: bool = True,
@@ -341,8 +341,8 @@ def insert_sums(backend, transforms, weights, mates, samples, data, wsum, *, det
         (bitwise repeatable on any number of threads, CPU or GPU; kernels/insert.cu explains the scales); it costs a
         zeroed scratch grid of the accumulator's size and one pass over it. False: float64 atomics straight into the
         accumulator (the last bits follow thread timing).
-    scratch : (data, weights) grids of :func:`new_scratch`, all zero, to use instead of new ones (they are left
-        all zero again); None allocates them for this call.
+    scratch : the grid of :func:`new_scratch`, all zero, to use instead of a new one (it is left all zero
+        again); None allocates one for this call.
     """
     xp = backend.xp
     n = transforms.shape[0] if getattr(transforms, "ndim", 0) == 3 else -1
@@ -387,14 +387,12 @@ def insert_sums(backend, transforms, weights, mates, samples, data, wsum, *, det
     scale_v, scale_w = _shell_scales(xp, transforms, weights, samples, n_p, k, side=side,
                                      reach=2 if trilinear else 1, samples_dev=samples_dev)
     if scratch is None:
-        scratch, scratch_w = new_scratch(backend, n_p)
+        scratch = new_scratch(backend, n_p)
     else:
-        scratch, scratch_w = scratch
-        _check_array("scratch data", scratch, np.complex128, (n_p, n_p, half), xp)
-        _check_array("scratch weights", scratch_w, np.float64, (n_p, n_p, half), xp)
-    launch(scratch, scratch_w, scale_v, scale_w, 1)
+        _check_array("scratch", scratch, np.float64, (n_p, n_p, half, 3), xp)
+    launch(scratch, scratch, scale_v, scale_w, 1)                 # mode 1 reads no separate weight grid
     backend.kernels.launch("insert", "insert_unscale", n_p * n_p, [
-        scratch, scratch_w, np.int32(n_p), scale_v, scale_w, data, wsum])
+        scratch, np.int32(n_p), scale_v, scale_w, data, wsum])
 
 
 def add(acc_a: FourierAccumulator, acc_b: FourierAccumulator) -> FourierAccumulator:
@@ -457,12 +455,8 @@ def finish(acc: FourierAccumulator, *, weighting: bool | None = None,
         osnr0 = osnr if np.ndim(osnr) == 0 else osnr[:, :, :1]
         data = acc.data / xp.where(acc.weights > 0, acc.weights + osnr, 1.0)
         data[:, :, :1] = data0 / xp.where(weights0 > 0, weights0 + osnr0, 1.0)
-    if xp is np:
-        padded = scipy.fft.irfftn(data, s=(n_p, n_p, n_p), axes=(0, 1, 2), workers=-1)
-    else:
-        padded = xp.fft.irfftn(data, s=(n_p, n_p, n_p), axes=(0, 1, 2))
+    vol = _inverse_centre_window(data, n_p, m, xp)
     del data
-    vol = _centre_window(padded, m, xp).astype(np.float64)
     if trilinear:
         d = np.abs(np.arange(m) - m // 2) * (np.pi / n_p)
         sinc2 = xp.asarray(np.where(d > 0, np.sin(d) / np.where(d > 0, d, 1.0), 1.0) ** 2)
@@ -545,11 +539,14 @@ def reconstruct_halves(images: np.ndarray, poses: np.ndarray, *, half: np.ndarra
 def accumulate_halves(images: np.ndarray, poses: np.ndarray, *, half: np.ndarray | None = None,
                       ctf: CTFParams | None = None, apix_A: float = 1.0, snr: float | None = 1.0, sym: str = "c1",
                       npad: int = 2, chunk: int = 256, backend=None, insertion: str = "nn4",
-                      on_device: bool = False) -> tuple[FourierAccumulator, FourierAccumulator]:
+                      on_device: bool = False, scratch=None) -> tuple[FourierAccumulator, FourierAccumulator]:
     """The two half-set accumulators of :func:`reconstruct_halves`, before ``finish``: what an MPI rank computes
     from its own particles (``half`` is then its slice of the global assignment) and
     :func:`gpu_ali3d.parallel.reduce_accumulator` sums over ranks. Arguments as :func:`reconstruct_halves`;
-    on_device : keep the grids on the backend's device (for :func:`finish` there) instead of host arrays."""
+    on_device : keep the grids on the backend's device (for :func:`finish` there) instead of host arrays.
+    scratch : kernel path: the zeroed grid of :func:`new_scratch` to use (a caller that reconstructs every
+    iteration keeps one, sparing the allocation and first-touch zeroing of a grid per call); None makes one,
+    shared by both halves."""
     n = len(images)
     if half is None:
         half = np.arange(n) % 2
@@ -557,8 +554,11 @@ def accumulate_halves(images: np.ndarray, poses: np.ndarray, *, half: np.ndarray
     if half.shape != (n,) or not np.isin(half, (0, 1)).all():
         raise ValueError(f"half must be an array of {n} values, each 0 or 1; got shape {half.shape} with values "
                          f"{np.unique(half)[:5]}")
+    if backend is not None and scratch is None:
+        scratch = new_scratch(backend, npad * np.shape(images)[-1])
     return tuple(_accumulate(images, poses, np.nonzero(half == h)[0], ctf=ctf, apix_A=apix_A, snr=snr, sym=sym,
-                             npad=npad, chunk=chunk, backend=backend, insertion=insertion, on_device=on_device)
+                             npad=npad, chunk=chunk, backend=backend, insertion=insertion, on_device=on_device,
+                             scratch=scratch)
                  for h in (0, 1))
 
 
@@ -576,7 +576,7 @@ def insert_chunk(M: int, npad: int, insertion: str, *, budget: int = INSERT_BATC
 
 
 def _accumulate(images, poses, which: np.ndarray, *, ctf, apix_A, snr, sym, npad, chunk,
-                backend=None, insertion: str = "nn4", on_device: bool = False) -> FourierAccumulator:
+                backend=None, insertion: str = "nn4", on_device: bool = False, scratch=None) -> FourierAccumulator:
     images = np.asarray(images)
     if images.ndim != 3 or images.shape[1] != images.shape[2]:
         raise ValueError(f"images must be square, shape (n, M, M); got {images.shape}")
@@ -586,8 +586,7 @@ def _accumulate(images, poses, which: np.ndarray, *, ctf, apix_A, snr, sym, npad
         raise ValueError(f"chunk={chunk!r} must be a positive number of images")
     acc = new_accumulator(images.shape[1], npad=npad, sym=sym, snr=snr, insertion=insertion,
                           xp=np if backend is None else backend.xp)
-    scratch = None
-    if backend is not None:                     # accumulate on the backend's device
+    if backend is not None and scratch is None:  # accumulate on the backend's device
         scratch = new_scratch(backend, acc.Np) if len(which) > chunk else None   # shared by the chunks
     for start in range(0, len(which), chunk):
         sel = which[start:start + chunk]
@@ -787,15 +786,31 @@ def _in_range(shifted: np.ndarray, lim: int) -> np.ndarray:
     return ok[:, None] & ok[None, :]
 
 
-def _centre_window(padded, m: int, xp=np):
-    """The M^3 box about the padded volume's origin, as ``padded[np.ix_(i, i, i)]`` with i = (arange(M) - M // 2)
-    % Np, made from slices (the negative then the positive indices along each axis: no gather over the grid)."""
-    c = m // 2
-    for axis in range(3):
+def _inverse_centre_window(data, n_p: int, m: int, xp=np):
+    """The M^3 box about the origin of ``irfftn(data, s=(Np, Np, Np))`` (``padded[np.ix_(i, i, i)]`` with
+    i = (arange(M) - M // 2) % Np), without the rest of the padded volume: the inverse
+    transform one axis at a time (z, y, then the half-complex x), each followed by the window along that axis, so
+    the y and x passes run on M / Np and (M / Np)^2 of the grid (about 58 % of the full inverse's work at npad 2,
+    and a quarter of its memory). The same sums as irfftn up to the order of floating-point rounding.
+    data : complex (Np, Np, Np // 2 + 1) xp array, rfftn layout. Returns float64 (M, M, M) xp array."""
+    def ifft(a, axis):
+        if xp is np:
+            return scipy.fft.ifft(a, axis=axis, workers=-1)
+        return xp.fft.ifft(a, axis=axis)
+
+    def window(a, axis):                     # the negative, then the positive indices: slices, no gather
+        c = m // 2
         lead = [slice(None)] * axis
-        padded = xp.concatenate([padded[tuple(lead + [slice(padded.shape[axis] - c, None)])],
-                                 padded[tuple(lead + [slice(0, m - c)])]], axis=axis)
-    return padded
+        return xp.concatenate([a[tuple(lead + [slice(n_p - c, None)])], a[tuple(lead + [slice(0, m - c)])]],
+                              axis=axis)
+
+    part = window(ifft(data, 0), 0)
+    part = window(ifft(part, 1), 1)
+    if xp is np:
+        part = scipy.fft.irfft(part, n=n_p, axis=2, workers=-1)
+    else:
+        part = xp.fft.irfft(part, n=n_p, axis=2)
+    return window(part, 2).astype(np.float64, copy=False)
 
 
 def _voxel_shells(n_p: int, xp=np):

@@ -35,6 +35,7 @@ from .io.atomic import atomic_path
 from .io.formats import read_stack, read_volume, stack_format, write_stack, write_volume
 from .io.stack import ParticleStack, check_refinable
 from .options import RefineOptions
+from .reconstruct import new_scratch
 
 log = logging.getLogger("gpu_ali3d")
 
@@ -440,6 +441,8 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
     if comm.size > 1:
         say(f"MPI: {comm.size} ranks, {hi - lo} particles on rank 0")
     images = stack.read_images(slice(lo, hi))
+    # the insertion's fixed-point grid, kept over the iterations (insert_unscale leaves it zeroed)
+    scratch = None if backend is None else new_scratch(backend, opts.npad * box)
     poses = state.poses
     chunks = _chunks(n, opts.chunk)
     for iteration in range(state.next_iteration, opts.maxit + 1):
@@ -453,7 +456,7 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
                 poses = parallel.on_root(comm, lambda: centre_data(poses))   # one answer for every rank
             volf, curve, (cutoff, falloff) = _reference(images, poses, half, ctf, apix, mask, opts, user_function,
                                                         backend, outdir, iteration, ic, comm=comm, first=lo,
-                                                        final=last and ic == len(chunks) - 1)
+                                                        final=last and ic == len(chunks) - 1, scratch=scratch)
             rec.reconstruct_s = time.perf_counter() - t0
             state.curves.append((iteration, ic, curve))
             rec.fsc05_A, rec.fsc0143_A = _resolutions(curve, apix)
@@ -519,13 +522,14 @@ def _write_headers(source_path: Path, original: ParticleStack, refined: Particle
 
 
 def _reference(images, poses, half, ctf, apix, mask, opts, user_function, backend, outdir, iteration, ic, *,
-               comm=None, first=0, final=False):
+               comm=None, first=0, final=False, scratch=None):
     """Half maps, masked FSC, full map and the user function's reference; writes vol, volf and resolution.
     backend None: numpy reference insertion; else kernels/insert.cu (deterministic mode) on that backend.
     MPI (comm of several ranks): images are this rank's block, particles first .. first + len(images) - 1 of the
     global poses, half and ctf; the half-set accumulators are summed on rank 0 (:func:`parallel.reduce_accumulator`,
     fixed order), which finishes, filters and writes, and every rank gets the same (volf, curve, tanh fit).
-    final: the last reconstruction of the run; its maps are also written as map.mrc and map_filtered.mrc."""
+    final: the last reconstruction of the run; its maps are also written as map.mrc and map_filtered.mrc.
+    scratch: the insertion's zeroed fixed-point grid (reconstruct.new_scratch) to reuse, or None."""
     from .reconstruct import accumulate_halves, add, finish, insert_chunk, wiener_regularisation
     from .resolution import fit_tanh, fsc_mask, fsc_text
     from .user_functions import call_user_function
@@ -539,7 +543,7 @@ def _reference(images, poses, half, ctf, apix, mask, opts, user_function, backen
     on_device = backend is not None and comm.size == 1
     accs = accumulate_halves(images, poses, half=half, ctf=ctf, apix_A=apix, snr=opts.snr, sym=opts.sym,
                              npad=opts.npad, backend=backend, insertion=opts.insertion, on_device=on_device,
-                             chunk=insert_chunk(images.shape[-1], opts.npad, opts.insertion))
+                             chunk=insert_chunk(images.shape[-1], opts.npad, opts.insertion), scratch=scratch)
     accs = [parallel.reduce_accumulator(acc, comm) for acc in accs]       # None off rank 0
     where = backend if on_device else None
 

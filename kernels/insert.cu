@@ -17,8 +17,10 @@
 //      voxel's integer coordinates i) is replaced by the integer rint(v * scale[sh]), scale a power of two chosen by
 //      the host so that the sum of |contributions| reaching any voxel of that shell is below 2^51. Every partial
 //      sum is then an integer below 2^53, so every double addition is exact and the result does not depend on the
-//      order (threads, blocks, CPU or GPU). These sums go into a zeroed scratch grid; insert_unscale then adds
-//      scratch / scale to the accumulator voxel by voxel. The rounding rint(v * scale) costs at most
+//      order (threads, blocks, CPU or GPU). These sums go into a zeroed scratch grid that holds each voxel's three
+//      sums side by side (re, im, weight: one cache line per contribution, not two as with the accumulator's
+//      separate value and weight grids; the insertion is bound by those misses on the CPU); insert_unscale then
+//      adds scratch / scale to the accumulator voxel by voxel. The rounding rint(v * scale) costs at most
 //      0.5 / scale = B[sh] 2^-52 per contribution (B[sh] the shell's bound), i.e. ~1e-11 relative to a typical
 //      voxel of the shell at M = 64: far below the float32 rounding of the inputs.
 
@@ -62,18 +64,20 @@ DEVICE long long isqrt_ll(long long r2) {
 //                (geometry.rotation_matrix times symmetry.symmetry_rotations, made on the host); sample (kx, ky)
 //                goes to q = scale (R S)^T (kx, ky, 0).
 //   n_mates      int32.
-//   data         complex128 (np_, np_, np_ / 2 + 1), C-contiguous, FourierAccumulator.data layout (axes z, y, x; z and
-//                y in FFT order, x = 0..Np/2): mode 0 the accumulator itself, mode 1 the zeroed scratch grid. Added to.
-//   wsum         float64, same shape: FourierAccumulator.weights (mode 0) or the weight scratch grid (mode 1).
+//   data         mode 0: complex128 (np_, np_, np_ / 2 + 1), C-contiguous, FourierAccumulator.data layout (axes z, y,
+//                x; z and y in FFT order, x = 0..Np/2), the accumulator itself. Mode 1: the zeroed scratch grid,
+//                float64 (np_, np_, np_ / 2 + 1, 3) (re, im, weight per voxel; reconstruct.new_scratch). Added to.
+//   wsum         mode 0: float64 (np_, np_, np_ / 2 + 1), FourierAccumulator.weights, added to. Mode 1: unread.
 //   scale_v      float64 (n_shells,): mode 1, the power-of-two scale of data contributions per shell (else unread).
 //   scale_w      float64 (n_shells,): mode 1, the same for the weights. n_shells >= isqrt(3 (Np/2)^2) + 1.
 //   deterministic int32: 0 atomic mode, 1 fixed-point mode (file comment).
 //   trilinear    int32: 0 nearest neighbour, 1 trilinear (above).
 
 // One contribution (value re + i im, weight wt) to voxel (ix, iy, iz) (ix >= 0; iy, iz signed in [-Np/2, Np/2]).
+// The voxel v's value is vals[v * vstride], vals[v * vstride + 1] and its weight wts[v * wstride].
 DEVICE void add_to_voxel(long long ix, long long iy, long long iz, long long n, long long half, double re,
-                         double im, double wt, cdouble *data, double *wsum, const double *scale_v,
-                         const double *scale_w, int deterministic) {
+                         double im, double wt, double *vals, long long vstride, double *wts, long long wstride,
+                         const double *scale_v, const double *scale_w, int deterministic) {
     // one wrap into FFT order
     const long long voxel = ((iz < 0 ? iz + n : iz) * n + (iy < 0 ? iy + n : iy)) * half + ix;
     if (deterministic) {
@@ -82,9 +86,9 @@ DEVICE void add_to_voxel(long long ix, long long iy, long long iz, long long n, 
         im = rint_small(im * scale_v[sh]);
         wt = rint_small(wt * scale_w[sh]);
     }
-    atomic_add(&data[voxel].re, re);
-    atomic_add(&data[voxel].im, im);
-    atomic_add(&wsum[voxel], wt);
+    atomic_add(&vals[voxel * vstride], re);
+    atomic_add(&vals[voxel * vstride + 1], im);
+    atomic_add(&wts[voxel * wstride], wt);
 }
 
 KERNEL void insert(const cfloat *transforms, long long n_images, int m_, int np_, double scale,
@@ -94,6 +98,9 @@ KERNEL void insert(const cfloat *transforms, long long n_images, int m_, int np_
                    const double *scale_v, const double *scale_w, int deterministic, int trilinear) {
     const long long n = np_, half = np_ / 2 + 1;
     const long long m_half = m_ / 2 + 1, m_plane = (long long)m_ * m_half;
+    double *const vals = (double *)data;                  // mode 1: the interleaved scratch (re, im, weight)
+    const long long vstride = deterministic ? 3 : 2, wstride = deterministic ? 3 : 1;
+    double *const wts = deterministic ? vals + 2 : wsum;
     FOR_BLOCKS(b, n_images * (long long)n_mates) {
         const long long img = b / n_mates;
         const double *m = mates + 9 * b;                  // (img, mate) row-major 3 x 3
@@ -120,7 +127,7 @@ KERNEL void insert(const cfloat *transforms, long long n_images, int m_, int np_
             if (!trilinear) {
                 // |q| < Np/2, so iy, iz are in [-Np/2, Np/2]
                 add_to_voxel(floor_ll(qx + 0.5), floor_ll(qy + 0.5), floor_ll(qz + 0.5), n, half, re, im, wt,
-                             data, wsum, scale_v, scale_w, deterministic);
+                             vals, vstride, wts, wstride, scale_v, scale_w, deterministic);
             } else {
                 // the 8 voxels around q: x0 + 0/1 <= Np/2 and y0, z0 + 0/1 in [-Np/2, Np/2] as |q| < Np/2
                 const long long x0 = floor_ll(qx), y0 = floor_ll(qy), z0 = floor_ll(qz);
@@ -129,7 +136,7 @@ KERNEL void insert(const cfloat *transforms, long long n_images, int m_, int np_
                     const int dx = c & 1, dy = (c >> 1) & 1, dz = c >> 2;
                     const double t = ((dx ? fx : 1.0 - fx) * (dy ? fy : 1.0 - fy)) * (dz ? fz : 1.0 - fz);
                     add_to_voxel(x0 + dx, y0 + dy, z0 + dz, n, half, re * t, im * t, wt * t,
-                                 data, wsum, scale_v, scale_w, deterministic);
+                                 vals, vstride, wts, wstride, scale_v, scale_w, deterministic);
                 }
             }
         }
@@ -137,17 +144,17 @@ KERNEL void insert(const cfloat *transforms, long long n_images, int m_, int np_
 }
 
 // KERNEL insert_unscale: the end of the deterministic mode, one block per (z, y) row of the grid (FOR_BLOCKS over
-// np_ * np_), threads over x. acc_data[v] += scratch_data[v] / scale_v[sh(v)], acc_w[v] += scratch_w[v] /
-// scale_w[sh(v)], sh(v) = floor(|i|) of the voxel's signed integer coordinates (as in insert). Division by a power of
-// two: exact (barring underflow). The scratch voxels are set back to 0, ready for the next batch of images.
+// np_ * np_), threads over x. acc_data[v] += (scratch[v][0] + i scratch[v][1]) / scale_v[sh(v)], acc_w[v] +=
+// scratch[v][2] / scale_w[sh(v)], sh(v) = floor(|i|) of the voxel's signed integer coordinates (as in insert).
+// Division by a power of two: exact (barring underflow). The scratch voxels are set back to 0, ready for the next batch of images.
 //
-//   scratch_data complex128 (np_, np_, np_ / 2 + 1), C-contiguous: the fixed-point sums of insert (mode 1); zeroed.
-//   scratch_w    float64, same shape; zeroed.
+//   scratch      float64 (np_, np_, np_ / 2 + 1, 3), C-contiguous: the fixed-point sums (re, im, weight per voxel) of
+//                insert (mode 1); zeroed.
 //   np_          int32: Np (even).
 //   scale_v, scale_w  float64 (n_shells,): the scales insert used.
-//   acc_data     complex128, same shape: FourierAccumulator.data, added to.
-//   acc_w        float64, same shape: FourierAccumulator.weights, added to.
-KERNEL void insert_unscale(cdouble *scratch_data, double *scratch_w, int np_,
+//   acc_data     complex128 (np_, np_, np_ / 2 + 1): FourierAccumulator.data, added to.
+//   acc_w        float64 (np_, np_, np_ / 2 + 1): FourierAccumulator.weights, added to.
+KERNEL void insert_unscale(double *scratch, int np_,
                            const double *scale_v, const double *scale_w, cdouble *acc_data, double *acc_w) {
     const long long n = np_, half = np_ / 2 + 1;
     FOR_BLOCKS(r, n * n) {
@@ -155,12 +162,13 @@ KERNEL void insert_unscale(cdouble *scratch_data, double *scratch_w, int np_,
         FOR_THREADS(ix, half) {
             const long long v = r * half + ix;
             const long long sh = isqrt_ll(ix * ix + iy * iy + iz * iz);
-            acc_data[v].re += scratch_data[v].re / scale_v[sh];
-            acc_data[v].im += scratch_data[v].im / scale_v[sh];
-            acc_w[v] += scratch_w[v] / scale_w[sh];
-            scratch_data[v].re = 0.0;
-            scratch_data[v].im = 0.0;
-            scratch_w[v] = 0.0;
+            double *const s = scratch + 3 * v;
+            acc_data[v].re += s[0] / scale_v[sh];
+            acc_data[v].im += s[1] / scale_v[sh];
+            acc_w[v] += s[2] / scale_w[sh];
+            s[0] = 0.0;
+            s[1] = 0.0;
+            s[2] = 0.0;
         }
     }
 }

@@ -9,8 +9,8 @@ from scipy.spatial.transform import Rotation
 from gpu_ali3d import ctf as ctf_module
 from gpu_ali3d.geometry import euler_from_matrix, relion_to_spider
 from gpu_ali3d.projection import project
-from gpu_ali3d.reconstruct import (_neighbour_weights, add, finish, insert, new_accumulator, reconstruct,
-                                   reconstruct_halves, slice_transforms)
+from gpu_ali3d.reconstruct import (_inverse_centre_window, _neighbour_weights, add, finish, insert, new_accumulator,
+                                   reconstruct, reconstruct_halves, slice_transforms)
 from gpu_ali3d.simulate import phantom
 from gpu_ali3d.symmetry import symmetry_rotations
 
@@ -252,3 +252,17 @@ def test_relion_clean_set_reconstructs_the_reference(shared_data):
     rec = reconstruct(images, poses, ctf=ctf, apix_A=apix)
     cc = _corr(rec, ref)
     assert cc > 0.9, f"nn4_ctf map of relion_sim/clean (200 images, snr=1): correlation {cc:.4f} with ref.mrc"
+
+
+@pytest.mark.parametrize("m,npad", [(16, 2), (15, 2), (12, 3), (10, 1)])
+def test_inverse_centre_window_equals_the_window_of_the_full_inverse(m, npad):
+    """finish's axis-by-axis inverse with windowing keeps exactly the M^3 box about the origin of irfftn."""
+    n_p = m * npad
+    rng = np.random.default_rng(m + npad)
+    data = rng.standard_normal((n_p, n_p, n_p // 2 + 1)) + 1j * rng.standard_normal((n_p, n_p, n_p // 2 + 1))
+    full = np.fft.irfftn(data, s=(n_p, n_p, n_p), axes=(0, 1, 2))
+    i = (np.arange(m) - m // 2) % n_p
+    expected = full[np.ix_(i, i, i)]
+    got = _inverse_centre_window(data, n_p, m)
+    assert got.shape == (m, m, m) and got.dtype == np.float64
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
