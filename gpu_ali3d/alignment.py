@@ -36,7 +36,7 @@ POSE_DIM = 5
 def align_poses(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, backend, progress, label):
     """Refine the poses of some images against one reference by SPARX's amoeba over (phi, theta, psi, sx, sy).
 
-    images : real (n, M, M) host array. poses : float64 (n, 5) host array, the start poses (degrees, pixels;
+    images : real (n, M, M), a host array or one of the backend's device (where a GPU run keeps them). poses : float64 (n, 5) host array, the start poses (degrees, pixels;
     :mod:`gpu_ali3d.geometry`). volf : float64 (M, M, M), the reference (after the user function). ctf : CTFParams
     of the n images or None. apix : Angstrom per pixel. ou : mask radius (pixels). opts : RefineOptions
     (interpolation, delta, ts, batch). cutoff, falloff : the reference's tanh filter (absolute frequency), which
@@ -44,7 +44,8 @@ def align_poses(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, backe
     :class:`gpu_ali3d.backend.Backend` (kernels/align.cu on its device). progress : show a bar per batch, with label.
 
     The reference is prepared and converted for the kernel once; the images are prepared batch by batch
-    (:func:`alignment_batch` images at a time, sized from host and device memory). Where the best pose found scores
+    (:func:`alignment_batch` images at a time, sized from host and device memory) on the backend's device
+    (masking, normalisation, FFT, CTF: :func:`gpu_ali3d.score.prepare_images` on its xp). Where the best pose found scores
     worse than the start, the start is kept (as SPARX keeps the old parameters).
 
     Returns (new poses float64 (n, 5) with angles in SPIDER's ranges, score at the start (n,), score after (n,),
@@ -74,7 +75,7 @@ def align_poses(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, backe
     for start in tqdm(range(0, len(poses), size), desc=label, unit="batch", disable=not progress, leave=False):
         sl = slice(start, min(start + size, len(poses)))
         prep = prepare_images(images[sl], ou, ctf=ctf[sl] if ctf is not None else None,
-                              apix_A=apix, kmax=kmax, image_pad=IMAGE_PAD)
+                              apix_A=apix, kmax=kmax, image_pad=IMAGE_PAD, xp=np if backend is None else backend.xp)
         if backend is None:
             best, fbest, f0, evals, steps = _align_reference(ref, prep, poses[sl], opts)
         else:
@@ -140,9 +141,10 @@ def normalise_poses(poses: np.ndarray) -> np.ndarray:
 def _align_fused(backend, kref, prep, poses, opts):
     """One batch through kernels/align.cu; host arrays (best, fbest, f0, evaluations, steps) come back.
 
-    What a GPU pays per batch (tests/test_gpu_budget.py): the prepared images' upload (:func:`kernel_images`), one
-    upload of the start poses and scales (made on the host, where the poses are), one launch, and one
-    copy back of the packed results: one sync."""
+    What a GPU pays per batch (tests/test_gpu_budget.py): the images were prepared on the device (their checks: one
+    sync), so :func:`kernel_images` converts there and uploads only the shared sample frequencies and weights; one
+    upload of the start poses and scales (made on the host, where the poses are), one launch, and one copy back of
+    the packed results: one more sync."""
     from .kernels import kernel_images
     from .simplex import SPARX_SERIAL, local_ali3d_scales
 

@@ -85,13 +85,15 @@ def wavelength_A(voltage_kV):
     return 12.2643247 / np.sqrt(v * (1.0 + v * 0.978466e-6))
 
 
-def evaluate(ctf: CTFParams, fx_invA, fy_invA, *, dtype=np.float64) -> np.ndarray:
+def evaluate(ctf: CTFParams, fx_invA, fy_invA, *, dtype=np.float64, xp=np):
     """CTF values at spatial frequencies (module docstring for the formula).
 
-    fx_invA, fy_invA : arrays broadcastable to each other, spatial frequency in 1/Angstrom (fx along columns,
+    fx_invA, fy_invA : host arrays broadcastable to each other, spatial frequency in 1/Angstrom (fx along columns,
     fy along rows). dtype : float64 (default), or float32 for the compiled paths, which read float32 CTFs: the
     per-particle arithmetic then runs in float32 (gamma, up to some 10^2 rad at high resolution, to ~1e-5 rad).
-    Returns an array of dtype and shape (n,) + broadcast shape, one plane per particle.
+    xp : the array module of the result (numpy, or cupy: the shared frequency grids and the per-particle
+    coefficients, made on the host in float64, go up once, and the (n, S) planes are made on the device).
+    Returns an xp array of dtype and shape (n,) + broadcast shape, one plane per particle.
     """
     fx = np.asarray(fx_invA, dtype=np.float64)[None]
     fy = np.asarray(fy_invA, dtype=np.float64)[None]
@@ -108,37 +110,42 @@ def evaluate(ctf: CTFParams, fx_invA, fy_invA, *, dtype=np.float64) -> np.ndarra
     lam = wavelength_A(par["voltage_kV"])
     cs_A = par["cs_mm"] * 1e7
     q = par["amp_contrast"]
+    damped = bool(np.any(par["bfactor_A2"] != 0))
     if np.dtype(dtype) == np.float32:
         # gamma = a s2 + b s2 cos2 + c s2 sin2 - d s2^2 + e: the shared grids and the per-particle coefficients
         # made in float64, rounded to float32 once
-        s2_32, c2_32, s2c, s2s = (np.asarray(g, np.float32) for g in (s2, s2 * cos2, s2 * sin2, s2 * s2))
-        f32 = lambda a: np.asarray(a, np.float32)
-        gamma = (f32(np.pi * lam * mean) * s2_32 + f32(np.pi * lam * half_diff * np.cos(angle)) * c2_32
-                 + f32(np.pi * lam * half_diff * np.sin(angle)) * s2c - f32(0.5 * np.pi * cs_A * lam ** 3) * s2s
-                 + f32(np.arcsin(q)))
-        out = np.sin(gamma)
-        if np.any(par["bfactor_A2"] != 0):
-            out *= np.exp(f32(-0.25 * par["bfactor_A2"]) * s2_32)
+        up = lambda a: xp.asarray(np.asarray(a, np.float32))
+        s2_32, c2_32, s2c, s2s = (up(g) for g in (s2, s2 * cos2, s2 * sin2, s2 * s2))
+        gamma = (up(np.pi * lam * mean) * s2_32 + up(np.pi * lam * half_diff * np.cos(angle)) * c2_32
+                 + up(np.pi * lam * half_diff * np.sin(angle)) * s2c - up(0.5 * np.pi * cs_A * lam ** 3) * s2s
+                 + up(np.arcsin(q)))
+        out = xp.sin(gamma)
+        if damped:
+            out *= xp.exp(up(-0.25 * par["bfactor_A2"]) * s2_32)
         return out
     if np.dtype(dtype) != np.float64:
         raise ValueError(f"dtype={dtype!r}: the CTF is evaluated in float64 or float32")
-    defocus_term = (np.pi * lam) * (mean + (half_diff * np.cos(angle)) * cos2 + (half_diff * np.sin(angle)) * sin2)
-    gamma = (defocus_term - (0.5 * np.pi * cs_A * lam ** 3) * s2) * s2 + np.arcsin(q)
-    out = np.sin(gamma)
-    if np.any(par["bfactor_A2"] != 0):
-        out *= np.exp(-0.25 * par["bfactor_A2"] * s2)
+    up = xp.asarray
+    s2_d = up(s2)
+    defocus_term = (up(np.pi * lam) * (up(mean) + up(half_diff * np.cos(angle)) * up(cos2)
+                                       + up(half_diff * np.sin(angle)) * up(sin2)))
+    gamma = (defocus_term - up(0.5 * np.pi * cs_A * lam ** 3) * s2_d) * s2_d + up(np.arcsin(q))
+    out = xp.sin(gamma)
+    if damped:
+        out *= xp.exp(up(-0.25 * par["bfactor_A2"]) * s2_d)
     return out
 
 
-def ctf_grid(ctf: CTFParams, box: int, apix_A: float, *, half: bool = True, dtype=np.float64) -> np.ndarray:
+def ctf_grid(ctf: CTFParams, box: int, apix_A: float, *, half: bool = True, dtype=np.float64, xp=np):
     """CTF of every particle on the FFT grid of a box x box image.
 
     Returns dtype (float64, or float32: :func:`evaluate`) (n, box, box // 2 + 1) for ``half=True`` (the layout
-    of ``np.fft.rfft2``) or (n, box, box) (``np.fft.fft2``); FFT order, origin at index 0, not centred.
+    of ``np.fft.rfft2``) or (n, box, box) (``np.fft.fft2``); FFT order, origin at index 0, not centred; an array
+    of ``xp`` (:func:`evaluate`).
     """
     fy = np.fft.fftfreq(box)[:, None] / apix_A
     fx = (np.fft.rfftfreq(box) if half else np.fft.fftfreq(box))[None, :] / apix_A
-    return evaluate(ctf, fx, fy, dtype=dtype)
+    return evaluate(ctf, fx, fy, dtype=dtype, xp=xp)
 
 
 # --------------------------------------------------------------------------------------------- EMAN2 / RELION

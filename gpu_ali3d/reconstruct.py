@@ -132,7 +132,8 @@ def insert(acc: FourierAccumulator, images: np.ndarray, poses: np.ndarray, *, ct
            apix_A: float = 1.0, backend=None, deterministic: bool = True, scratch=None) -> None:
     """Insert images at their poses (and all symmetry mates) into ``acc``, in place (module docstring, steps 1-5).
 
-    images : real (n, M, M), numpy order (y, x), centre (M // 2, M // 2). poses : (n, 5) [phi, theta, psi, sx, sy]
+    images : real (n, M, M), numpy order (y, x), centre (M // 2, M // 2); a host array, or (kernel path) already
+    an array of the backend's device. poses : (n, 5) [phi, theta, psi, sx, sy]
     (:mod:`gpu_ali3d.geometry`). ctf : CTFParams of n particles (or one for all) for nn4_ctf insertion, or None.
     apix_A : pixel size in Angstrom, for the CTF only.
     backend : None for the numpy reference (:func:`insert_transforms`), or a :class:`gpu_ali3d.backend.Backend` for
@@ -141,7 +142,7 @@ def insert(acc: FourierAccumulator, images: np.ndarray, poses: np.ndarray, *, ct
     deterministic : kernel path only: bitwise repeatable sums (:func:`insert_sums`); False uses plain atomics.
     scratch : kernel path only: zeroed grids to reuse across calls (:func:`insert_sums`).
     """
-    images = np.asarray(images)
+    images = _images_here(images, backend)
     if images.ndim != 3 or images.shape[1:] != (acc.M, acc.M):
         raise ValueError(f"images have shape {images.shape}; this accumulator takes (n, {acc.M}, {acc.M})")
     trilinear = acc.insertion == "trilinear"
@@ -202,10 +203,10 @@ def slice_transforms(images: np.ndarray, poses: np.ndarray, *, npad: int = 2, ct
     sx, sy = xp.asarray(p[:, 3, None, None]), xp.asarray(p[:, 4, None, None])
     spectrum *= xp.exp(-2j * np.pi * ky * sy / n_p).astype(cplx)
     spectrum *= xp.exp(-2j * np.pi * kx * sx / n_p).astype(cplx)
-    # 4. the CTF, on the grid of the transforms (evaluated on the host, one upload the size of the data)
+    # 4. the CTF, on the grid of the transforms (made on xp: only the shared grids and 7 numbers per image go up)
     if ctf is None:
         return spectrum, None
-    ctf_values = xp.asarray(ctf_grid(ctf, n_p, apix_A, half=True, dtype=real))
+    ctf_values = ctf_grid(ctf, n_p, apix_A, half=True, dtype=real, xp=xp)
     spectrum *= ctf_values
     return spectrum, ctf_values * ctf_values
 
@@ -577,9 +578,10 @@ def insert_chunk(M: int, npad: int, insertion: str, *, budget: int = INSERT_BATC
 
 def _accumulate(images, poses, which: np.ndarray, *, ctf, apix_A, snr, sym, npad, chunk,
                 backend=None, insertion: str = "nn4", on_device: bool = False, scratch=None) -> FourierAccumulator:
-    images = np.asarray(images)
+    images = _images_here(images, backend)
     if images.ndim != 3 or images.shape[1] != images.shape[2]:
-        raise ValueError(f"images must be square, shape (n, M, M); got {images.shape}")
+        raise ValueError(f"images must be square, shape (n, M, M); got {tuple(images.shape)}")
+    resident = not isinstance(images, np.ndarray)              # on the device: pick each chunk there
     poses = as_poses(poses, len(images))
     check_ctf_arguments(ctf, len(images), apix_A)
     if not isinstance(chunk, (int, np.integer)) or chunk < 1:
@@ -591,12 +593,21 @@ def _accumulate(images, poses, which: np.ndarray, *, ctf, apix_A, snr, sym, npad
     for start in range(0, len(which), chunk):
         sel = which[start:start + chunk]
         part_ctf = None if ctf is None else (ctf if len(ctf) == 1 else ctf[sel])
-        insert(acc, images[sel], poses[sel], ctf=part_ctf, apix_A=apix_A, backend=backend, scratch=scratch)
+        chunk_images = images[backend.xp.asarray(sel)] if resident else images[sel]
+        insert(acc, chunk_images, poses[sel], ctf=part_ctf, apix_A=apix_A, backend=backend, scratch=scratch)
     if backend is not None and not on_device:
         acc.data, acc.weights = backend.to_host(acc.data), backend.to_host(acc.weights)
     if ctf is not None:
         acc.ctf = True  # an empty half of a CTF data set still finishes as nn4_ctf
     return acc
+
+
+def _images_here(images, backend):
+    """Images as given when they are already an array of the backend's device (a GPU run keeps them there), else
+    as a host numpy array (uploaded by :func:`slice_transforms`)."""
+    if backend is not None and backend.xp is not np and isinstance(images, backend.xp.ndarray):
+        return images
+    return np.asarray(images)
 
 
 def _check_slices(acc, transforms, weights, poses, ctf) -> tuple[int, np.ndarray]:

@@ -440,7 +440,7 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
     lo, hi = parallel.block(n, comm.rank, comm.size)      # this rank's particles; it reads only their images
     if comm.size > 1:
         say(f"MPI: {comm.size} ranks, {hi - lo} particles on rank 0")
-    images = stack.read_images(slice(lo, hi))
+    images = _resident_images(stack.read_images(slice(lo, hi)), backend, say)
     # the insertion's fixed-point grid, kept over the iterations (insert_unscale leaves it zeroed)
     scratch = None if backend is None else new_scratch(backend, opts.npad * box)
     poses = state.poses
@@ -465,7 +465,7 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
                 old = poses[members].copy()
                 mine = members[(members >= lo) & (members < hi)]          # this rank's part of the chunk
                 t1 = time.perf_counter()
-                new, before, after, kmax, work = align_poses(images[mine - lo], poses[mine], volf,
+                new, before, after, kmax, work = align_poses(_select(images, mine - lo, backend), poses[mine], volf,
                                                              ctf[mine] if ctf is not None else None,
                                                              apix, ou, opts, cutoff, falloff, backend, progress,
                                                              f"iteration {iteration + 1}/{opts.maxit}")
@@ -577,6 +577,38 @@ def _reference(images, poses, half, ctf, apix, mask, opts, user_function, backen
     curve, tanh = parallel.on_root(comm, prepare_on_root)
     volf = parallel.bcast_array(kept.get("volf"), comm)                   # chunked: no pickle of a large map
     return volf, curve, tanh
+
+
+# --------------------------------------------------------------------------------------------- image helpers
+#: A GPU run keeps a rank's images on the device for the whole run when they take at most this fraction of its
+#: free memory (the reconstruction's grids and the alignment's batches need the rest).
+RESIDENT_IMAGES_FRACTION = 0.25
+
+
+def _resident_images(images: np.ndarray, backend, say):
+    """The rank's images where the kernels read them: on a GPU one float32 copy on the device, made once and kept
+    for the run (the reconstruction and the alignment both read it: no upload per iteration), when it fits
+    :data:`RESIDENT_IMAGES_FRACTION` of the free device memory; else, and on the CPU, the host array (a GPU then
+    uploads each batch and chunk as it goes)."""
+    if backend is None or backend.xp is np:
+        return images
+    free = backend.free_memory_bytes()
+    nbytes = int(np.prod(images.shape)) * 4
+    if free is not None and nbytes > RESIDENT_IMAGES_FRACTION * free:
+        say(f"images: {nbytes / 2**20:.0f} MiB, more than {RESIDENT_IMAGES_FRACTION:.0%} of the device's free "
+            f"{free / 2**20:.0f} MiB; they go up batch by batch")
+        return images
+    return backend.xp.asarray(np.asarray(images, dtype=np.float32))
+
+
+def _select(images, index: np.ndarray, backend):
+    """images[index] (int array), on whichever side the images are: a slice when the indices are a run (a chunk
+    of the rank's own block, the usual case), else a gather with the indices sent to the device."""
+    if len(index) and np.array_equal(index, np.arange(index[0], index[0] + len(index))):
+        return images[int(index[0]):int(index[0]) + len(index)]
+    if isinstance(images, np.ndarray):
+        return images[index]
+    return images[backend.xp.asarray(index)]
 
 
 # --------------------------------------------------------------------------------------------- pose helpers

@@ -108,7 +108,7 @@ def soft_mask(M: int, ou: float, edge_px: float = MASK_EDGE_PX) -> np.ndarray:
 
 def prepare_images(images, ou: float, *, ctf: CTFParams | None = None, apix_A: float = 1.0, pad: int = PAD,
                    kmax: float | None = None, edge_px: float = MASK_EDGE_PX,
-                   image_pad: int | None = None) -> PreparedImages:
+                   image_pad: int | None = None, xp=np) -> PreparedImages:
     """Mask, normalise, zero-pad and Fourier-transform the data images once; keep the samples within kmax.
 
     images : real array (n, M, M) (or (M, M)), float32 or float64, numpy order (y, x), centre at (M // 2, M // 2).
@@ -123,22 +123,24 @@ def prepare_images(images, ou: float, *, ctf: CTFParams | None = None, apix_A: f
         M x M grid, which is nil when the reference is confined to a sphere inside the box (refinement masks it
         with radius ou < M / 2): tests/test_score.py measures the difference.
 
+    xp : the array module the work runs on: numpy (scipy.fft), or cupy (cupy.fft), where ``images`` may already be
+        on the device (else they go up once, in their own dtype); the checks cost one sync. ``data``, ``ctf`` and
+        ``power`` of the result are then device arrays; ``freqs`` and ``weights`` stay on the host (the kernels'
+        launch wrappers read their extent there).
+
     Each image x becomes ``m * (x - mu) / sigma`` with mu and sigma^2 the mask-weighted mean and variance
     (``sum m x / sum m``; for a hard mask SPARX's in-mask statistics), so its DC term is exactly 0. It is placed
     in an L x L zero image with its centre at (L // 2, L // 2) and transformed with ``rfft2`` about that centre;
     its samples are stored at their padded-grid frequencies (N / L times the L-grid index, integers).
     Returns :class:`PreparedImages` (layouts there).
     """
-    imgs = np.asarray(images)
+    imgs = images if (xp is not np and not isinstance(images, np.ndarray)) else np.asarray(images)
     if imgs.ndim == 2:
         imgs = imgs[None]
     if imgs.ndim != 3 or imgs.shape[1] != imgs.shape[2]:
-        raise ValueError(f"images must be square, shape (n, M, M) or (M, M); got {np.shape(images)}")
-    if np.iscomplexobj(imgs) or not np.issubdtype(imgs.dtype, np.number):
+        raise ValueError(f"images must be square, shape (n, M, M) or (M, M); got {tuple(imgs.shape)}")
+    if np.dtype(imgs.dtype).kind not in "fiu":
         raise TypeError(f"images must be real; got dtype {imgs.dtype}")
-    imgs = imgs.astype(np.float64)
-    if not np.all(np.isfinite(imgs)):
-        raise ValueError("images contain NaN or inf pixels")
     n_img, m = imgs.shape[0], imgs.shape[1]
     if not (np.isfinite(edge_px) and edge_px >= 0):
         raise ValueError(f"edge_px must be >= 0 pixels; got {edge_px}")
@@ -157,22 +159,35 @@ def prepare_images(images, ou: float, *, ctf: CTFParams | None = None, apix_A: f
     if not (np.isfinite(kmax) and kmax > 0):
         raise ValueError(f"kmax must be a positive frequency in padded-grid units (cycles per N pixels); got {kmax}")
 
-    mask = soft_mask(m, ou, edge_px)
-    msum = mask.sum()
-    mu = np.einsum("nyx,yx->n", imgs, mask) / msum
-    var = np.einsum("nyx,yx->n", (imgs - mu[:, None, None]) ** 2, mask) / msum
-    scale = np.einsum("nyx,yx->n", imgs ** 2, mask) / msum
-    flat = np.nonzero(~(var > 1e-20 * scale))[0]                            # var is rounding noise: constant
-    if len(flat):
-        raise ValueError(f"image {flat[0]} is constant inside the mask of radius {ou}; it cannot be normalised")
-    normed = mask * (imgs - mu[:, None, None]) / np.sqrt(var)[:, None, None]
+    imgs = xp.asarray(imgs).astype(np.float64)                  # up in their own dtype, float64 there
+    mask_h = soft_mask(m, ou, edge_px)
+    mask = xp.asarray(mask_h)
+    msum = float(mask_h.sum())
+    mu = xp.einsum("nyx,yx->n", imgs, mask) / msum
+    var = xp.einsum("nyx,yx->n", (imgs - mu[:, None, None]) ** 2, mask) / msum
+    scale = xp.einsum("nyx,yx->n", imgs ** 2, mask) / msum
+    # the checks, in one copy to the host: non-finite pixels; images whose var is rounding noise (constant)
+    finite = xp.isfinite(imgs).all(axis=(1, 2))
+    bad = ~finite | ~(var > 1e-20 * scale)
+    flags = bad if xp is np else xp.asnumpy(bad)
+    if flags.any():
+        finite_h = np.asarray(finite if xp is np else xp.asnumpy(finite))
+        if not finite_h.all():
+            raise ValueError("images contain NaN or inf pixels")
+        first = int(np.flatnonzero(flags)[0])
+        raise ValueError(f"image {first} is constant inside the mask of radius {ou}; it cannot be normalised")
+    normed = mask * (imgs - mu[:, None, None]) / xp.sqrt(var)[:, None, None]
 
     # the transform about the centre pixel: the image goes into the L x L array with its centre at index 0 (the
     # rest wrapped around), i.e. ifftshift of the image centred at L // 2
-    padded = np.zeros((n_img, grid, grid))
-    at = (np.arange(m) - m // 2) % grid
-    padded[:, at[:, None], at[None, :]] = normed
-    spectrum = scipy.fft.rfft2(padded, workers=-1)
+    c = m // 2
+    if grid == m:
+        padded = xp.roll(normed, (-c, -c), axis=(1, 2))
+    else:
+        padded = xp.zeros((n_img, grid, grid))
+        padded[:, :m, :m] = normed
+        padded = xp.roll(padded, (-c, -c), axis=(1, 2))
+    spectrum = scipy.fft.rfft2(padded, workers=-1) if xp is np else xp.fft.rfft2(padded)
 
     kx, ky = section_grid(grid)
     kx, ky = kx * (n // grid), ky * (n // grid)                             # in padded-grid units
@@ -180,12 +195,14 @@ def prepare_images(images, ou: float, *, ctf: CTFParams | None = None, apix_A: f
     keep = (r2 <= kmax ** 2) & (r2 > 0)
     freqs = np.stack([kx[keep], ky[keep]], axis=1)
     weights = np.where((freqs[:, 0] == 0) | (freqs[:, 0] == n // 2), 1.0, 2.0)
-    data = spectrum[:, keep]
+    # the kept samples by their flat indices in the half plane (a boolean index would sync a GPU for its size)
+    data = xp.take(spectrum.reshape(n_img, -1), xp.asarray(np.flatnonzero(keep.ravel())), axis=1)
     ctf_values = None
     if ctf is not None:
-        ctf_values = evaluate(ctf, freqs[:, 0] / (n * apix_A), freqs[:, 1] / (n * apix_A))
-        ctf_values = np.broadcast_to(ctf_values, (n_img, len(freqs))).copy()
-    power = np.einsum("s,ns->n", weights, np.abs(data) ** 2)
+        ctf_values = evaluate(ctf, freqs[:, 0] / (n * apix_A), freqs[:, 1] / (n * apix_A), xp=xp)
+        if ctf_values.shape[0] != n_img:                                    # one CTF for all the images
+            ctf_values = ctf_values * xp.ones((n_img, 1))
+    power = xp.einsum("s,ns->n", xp.asarray(weights), xp.abs(data) ** 2)
     return PreparedImages(freqs=freqs, weights=weights, data=data, ctf=ctf_values, power=power, M=m, N=n,
                           pad=int(pad), image_pad=int(image_pad), ou=float(ou), kmax=kmax, apix_A=float(apix_A))
 

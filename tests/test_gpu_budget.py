@@ -7,14 +7,17 @@ reconstruction's start to the next: the half maps, FSC, reference and the alignm
 (:func:`gpu_ali3d.standin.profile_local_ali3d`). Budgets (DESIGN.md principle 6, issue 15 item 5):
 
 * no mixing of host and device arrays anywhere;
-* syncs per alignment batch <= :data:`SYNCS_PER_BATCH` (measured 1: the packed results coming back);
+* syncs per alignment batch <= :data:`SYNCS_PER_BATCH` (measured 2: the checks of the prepared images, the packed results coming back);
 * no per-image launches: launches (and syncs) per iteration differ between 60 and 120 particles by at most
   :data:`LAUNCH_SLACK` (measured: equal);
+* the images go up once, before the first iteration, and stay on the device (refine._resident_images): the
+  setup's host -> device bytes are at least the images' float32 bytes and at most twice them plus small tables;
 * host -> device bytes per iteration: per particle (the slope between the two sizes) at most
-  :data:`H2D_PER_IMAGE` times the image's own float32 bytes (M^2 4; measured 2.8x: the raw image for the
-  reconstruction 1x, its CTF^2 plane 0.53x, its prepared Fourier samples for the alignment 1.2x); in all at most
-  that multiple of the images' bytes plus the per-iteration volume uploads that do not grow with the particles
-  (the band-limited reference once, at most its whole padded cube, and two float64 volumes of masks and tables).
+  :data:`H2D_PER_IMAGE` times the image's own float32 bytes (M^2 4; measured 0.06x: its pose, CTF parameters and
+  chunk indices; the masking, transforms and CTFs of both the reconstruction and the alignment are made on the
+  device); in all at most that multiple of the images' bytes plus the per-iteration volume uploads that do not
+  grow with the particles (the band-limited reference once, at most its whole padded cube, and two float64
+  volumes of masks and tables).
 * device -> host bytes per iteration: the three M^3 maps, the poses and scores, small tables.
 
 Under mpiexec each rank also takes its own stand-in device (the node-local rank: rank r -> device r of 2), and the
@@ -46,9 +49,9 @@ SYNCS_PER_BATCH = 2
 #: is per batch, half set, map or iteration, and both sizes align in one batch).
 LAUNCH_SLACK = 2
 #: Host -> device bytes per particle and iteration, in units of the particle's float32 image (M^2 4 bytes).
-H2D_PER_IMAGE = 4.0
-#: Syncs per iteration (measured 8: 3 maps back, 2 x 2 in the deterministic insertion's checks and shell scales,
-#: 1 alignment batch).
+H2D_PER_IMAGE = 0.5
+#: Syncs per iteration (measured 7, printed by the test: the maps back, the deterministic insertion's shell scales,
+#: the alignment batch's image checks and results).
 SYNCS_PER_ITERATION = 12
 
 
@@ -118,6 +121,8 @@ def test_serial_budgets(serial, capsys):
     for n, prof in runs.items():
         assert sum(c.mixing_errors for c in [prof.setup, *prof.iterations]) == 0
         assert prof.devices_used == [0]
+        assert _image_bytes(n) <= prof.setup.h2d_bytes <= 2 * _image_bytes(n) + _fixed_h2d_allowance(), \
+            prof.setup.summary()            # the images, once
         _check_alignment_batches(prof)
         for c in prof.iterations:
             assert c.syncs <= SYNCS_PER_ITERATION, c.summary(8)
