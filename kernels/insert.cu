@@ -132,6 +132,12 @@ KERNEL void insert(const cfloat *transforms, long long n_images, int m_, int np_
                 // the 8 voxels around q: x0 + 0/1 <= Np/2 and y0, z0 + 0/1 in [-Np/2, Np/2] as |q| < Np/2
                 const long long x0 = floor_ll(qx), y0 = floor_ll(qy), z0 = floor_ll(qz);
                 const double fx = qx - (double)x0, fy = qy - (double)y0, fz = qz - (double)z0;
+                for (int c = 0; c < 4; ++c) {            // the four (y, z) rows' lines requested together
+                    const long long iy = y0 + (c & 1), iz = z0 + (c >> 1);
+                    const long long v = ((iz < 0 ? iz + n : iz) * n + (iy < 0 ? iy + n : iy)) * half + x0;
+                    prefetch_write(&vals[v * vstride]);
+                    prefetch_write(&vals[(v + 1) * vstride + 2]);
+                }
                 for (int c = 0; c < 8; ++c) {
                     const int dx = c & 1, dy = (c >> 1) & 1, dz = c >> 2;
                     const double t = ((dx ? fx : 1.0 - fx) * (dy ? fy : 1.0 - fy)) * (dz ? fz : 1.0 - fz);

@@ -32,6 +32,9 @@
 //                    array, which g++ and clang accept in C++), so both targets size it the same way.
 //   block_barrier()  all threads of the block wait here. CUDA: __syncthreads(); CPU: nothing.
 //   atomic_add(p, v) *p += v atomically (float or double). CUDA: atomicAdd; CPU: `#pragma omp atomic`.
+//   prefetch_write(p)  a hint that *p will be written soon: CPU `__builtin_prefetch(p, 1, 3)` (the insertion issues
+//                    a sample's cache misses together, where its locked adds would take them one at a time);
+//                    CUDA: nothing (the GPU hides latency by running other warps).
 //   cfloat, cdouble  complex numbers {re, im}, laid out as numpy complex64 / complex128 (two floats, aligned to their
 //                    size), with cmake, cadd, csub, cmul, cconj, cscale, cabs2 helpers usable on both targets.
 //   sincos_f(x, &s, &c)  float sine and cosine of x (radians); full-precision library versions on both targets.
@@ -57,6 +60,7 @@
     extern __shared__ __align__(16) unsigned char gpu_ali3d_dynamic_shared[]; \
     T *const name = reinterpret_cast<T *>(gpu_ali3d_dynamic_shared)
 #define block_barrier() __syncthreads()
+#define prefetch_write(p) ((void)0)
 
 template <typename T>
 __device__ inline T _warp_sum(T x) {
@@ -100,6 +104,7 @@ DEVICE void sincos_f(float x, float *s, float *c) { sincosf(x, s, c); }
 #define BLOCK_SHARED(T, name, n) T name[n]
 #define DYNAMIC_SHARED(T, name, n) T name[n]
 #define block_barrier() ((void)0)
+#define prefetch_write(p) __builtin_prefetch((p), 1, 3)
 
 DEVICE float block_sum(float x) { return x; }
 DEVICE double block_sum(double x) { return x; }
