@@ -7,8 +7,11 @@ shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import errno
+import gc
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +22,9 @@ from .options import DEVICES, INTERPOLATIONS, RefineOptions
 #: Options that --continue accepts: where it runs and how it reports, not what it computes.
 _CONTINUE_MAY_CHANGE = ("device", "batch", "debug")
 
-USER_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, IsADirectoryError, PermissionError, RuntimeError,
-               NotImplementedError)
+#: Errors that end a command with one line and exit status 2: bad values and files, and the OS's refusals (a full
+#: disk, a read-only folder, a path through a file: OSError) and a lack of memory, which the user fixes.
+USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, NotImplementedError, MemoryError)
 
 
 
@@ -34,16 +38,35 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    # Errors Python can only ignore (in __del__: h5py's objects of a file whose write failed print a traceback each)
+    # are held back: shown after a success, dropped after a user error, whose one line says it all (--debug: shown).
+    ignored, hook = [], sys.unraisablehook
+    sys.unraisablehook = lambda u: ignored.append(_unraisable_text(u))      # text now: keep no object alive
+    quiet = False
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings()
+            return args.run(args)
     except USER_ERRORS as exc:
-        if getattr(args, "debug", False):
+        quiet = not getattr(args, "debug", False)
+        if not quiet:
             traceback.print_exc()
-        print(f"gpu-ali3d: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"gpu-ali3d: error: {_one_line(exc, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gpu-ali3d: interrupted", file=sys.stderr)
         return 130
+    finally:
+        gc.collect()              # what the failed command's frames held goes now, while the hook holds its noise
+        sys.unraisablehook = hook
+        for text in ([] if quiet else ignored):
+            print(text, end="", file=sys.stderr)
+
+
+def _unraisable_text(u) -> str:
+    """What Python's default sys.unraisablehook prints for ``u``."""
+    head = f"{u.err_msg or 'Exception ignored in'}: {u.object!r}\n"
+    return head + "".join(traceback.format_exception(u.exc_type, u.exc_value, u.exc_traceback))
 
 
 # ------------------------------------------------------------------------------------------------ subcommands
@@ -81,7 +104,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from .io.atomic import refuse_existing
     from .io.formats import read_stack, read_volume, stack_format, write_stack
-    from .simulate import phantom, simulate
+    from .simulate import even_box, phantom, simulate
 
     if len(args.paths) > 2:
         raise ValueError("simulate takes at most two paths: [MAP] OUT")
@@ -98,11 +121,18 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if map_path is None:
         if args.box < 16:
             raise ValueError(f"--box {args.box}: use at least 16 pixels")
+        if args.box % 2:
+            raise ValueError(f"--box {args.box}: particle boxes are even (RELION extracts even boxes only and "
+                             f"mishandles odd ones); use --box {args.box - 1} or {args.box + 1}")
         volume, apix = phantom(args.box), args.apix or 4.0
     else:
         volume, header_apix = read_volume(map_path)
         if len(set(volume.shape)) != 1:
             raise ValueError(f"{map_path}: the map must be cubic, got shape {volume.shape}")
+        volume, map_box = even_box(volume)
+        if map_box != volume.shape[0]:
+            print(f"{map_path}: the map's box is odd ({map_box}^3); padded to {volume.shape[0]}^3 (centre kept) so "
+                  f"the particles are {volume.shape[0]} pixels: RELION extracts even boxes only")
         apix = args.apix or header_apix or 4.0
     if not apix > 0:
         raise ValueError(f"--apix {apix}: the pixel size must be positive (Angstrom)")
@@ -301,9 +331,47 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     pass
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line_warnings():
+    """A ``warnings.showwarning`` for one command: each library warning (e.g. io.star.OddBoxWarning, which every
+    odd-box STAR written raises) said once, as one line ``gpu-ali3d: warning: ...`` on stderr."""
+    said: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = " ".join(str(message).split())
+        if text not in said:
+            said.add(text)
+            print(f"gpu-ali3d: warning: {text}", file=sys.stderr if file is None else file)
+    return show
+
+
+def _one_line(exc: BaseException, args: argparse.Namespace | None = None) -> str:
+    """The error as one line. An OS error that names a file reads 'FILE: reason; what to do'; a lack of memory
+    says how much was asked for (where numpy or CuPy say) and what makes a refinement need less."""
+    if isinstance(exc, MemoryError):
+        text = " ".join(str(exc).split())
+        hint = ("; use a smaller --batch (images aligned together), fewer MPI ranks per machine, or a smaller "
+                "--npad" if getattr(args, "command", None) == "refine" else "")
+        return f"out of memory{': ' + text if text else ''}{hint}"
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        names = f"{exc.filename}" + ("" if exc.filename2 is None else f" -> {exc.filename2}")
+        return f"{names}: {exc.strerror}{_os_advice(exc.errno, args)}"
     text = str(exc) or type(exc).__name__
     return " ".join(text.split())
+
+
+def _os_advice(code: int | None, args) -> str:
+    outdir = getattr(args, "continue_dir", None) or getattr(args, "outdir", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        if getattr(args, "command", None) == "refine" and outdir and (Path(outdir) / "checkpoint.npz").is_file():
+            return f"; free some space, then resume with gpu-ali3d refine --continue {outdir}"
+        return "; free some space (or write elsewhere), then run the command again"
+    if code == errno.EROFS:
+        return "; that file system is read-only: write elsewhere"
+    if code in (errno.EACCES, errno.EPERM):
+        return "; check its permissions, or choose another place"
+    if code == errno.ENOTDIR:
+        return "; a part of that path is a file, not a folder"
+    return ""
 
 
 if __name__ == "__main__":

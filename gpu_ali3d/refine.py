@@ -15,14 +15,18 @@ sets follow ``rlnRandomSubset`` when the input has it.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
 import math
 import os
+import re
+import secrets
 import shutil
 import tempfile
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -32,7 +36,7 @@ from . import parallel
 from .alignment import _device_bytes_per_image, _prepared_bytes_per_image, align_poses, alignment_batch
 from .geometry import POSE_COLUMNS, angular_distance, rotation_matrix, shift_distance
 from .io.atomic import atomic_path
-from .io.formats import read_stack, read_volume, stack_format, write_stack, write_volume
+from .io.formats import read_stack, read_volume, stack_format, write_poses, write_stack, write_volume
 from .io.stack import ParticleStack, check_refinable
 from .options import RefineOptions
 from .reconstruct import new_scratch
@@ -99,9 +103,13 @@ def local_ali3d(stack, outdir, maskfile=None, *, options: RefineOptions | None =
             _check_headers_writable(source_path)
         setup = _setup(stack, opts, maskfile)
         opts = _resolve_function(opts)
-        parallel.on_root(comm, lambda: _create_outdir(outdir, opts, source_path, maskfile,
-                                                      stack.poses if opts.write_headers else None,
-                                                      input_identity(stack, setup.half)))
+        held = {}              # rank 0: outdir's lock, taken when it is made and held until the run ends
+
+        def create():
+            held["lock"] = _create_outdir(outdir, opts, source_path, maskfile,
+                                          stack.poses if opts.write_headers else None,
+                                          input_identity(stack, setup.half))
+        parallel.on_root(comm, create)
         state = _State(poses=stack.poses.copy())
         try:
             return _with_log(outdir, lambda: _run(stack, source_path, outdir, opts, setup, state, progress,
@@ -110,6 +118,9 @@ def local_ali3d(stack, outdir, maskfile=None, *, options: RefineOptions | None =
             if comm.rank == 0:
                 _remove_if_unstarted(outdir)
             raise
+        finally:
+            if "lock" in held:
+                held["lock"].close()          # closing the file releases its flock
 
 
 def continue_local_ali3d(outdir, *, progress: bool = True, **changes) -> RefineResult:
@@ -131,6 +142,9 @@ def continue_local_ali3d(outdir, *, progress: bool = True, **changes) -> RefineR
         opts = replace(RefineOptions(**job["options"]), **changes)
         if job["stack"] is None:
             raise ValueError(f"{outdir}: the run was given an in-memory stack; it cannot be resumed from files")
+        # what would fail at the end (or at the first write) fails now, before any work
+        parallel.on_root(comm, lambda: (_check_outdir_writable(outdir),
+                                        _check_headers_writable(job["stack"]) if opts.write_headers else None))
         stack = read_stack(job["stack"])
         setup = _setup(stack, opts, job["maskfile"])
         parallel.on_root(comm, lambda: (_check_input_identity(job, stack, setup.half, outdir),
@@ -148,7 +162,7 @@ def continue_local_ali3d(outdir, *, progress: bool = True, **changes) -> RefineR
                 held.enter_context(_outdir_lock(outdir))
             state = parallel.on_root(comm, load_state)
             return _with_log(outdir, lambda: _run(stack, Path(job["stack"]), outdir, opts, setup, state, progress,
-                                                  resumed=True, comm=comm), comm, lock=False)
+                                                  resumed=True, comm=comm), comm)
 
 
 # ----------------------------------------------------------------------------------------------------- driver
@@ -195,8 +209,9 @@ class _State:
                 for rec in meta["records"]:
                     key = f"curve_{rec['iteration']}_{rec['chunk']}"
                     curves.append((rec["iteration"], rec["chunk"], FSCCurve(*z[key])))
-        except (OSError, ValueError, KeyError) as exc:
-            raise ValueError(f"{outdir / CHECKPOINT}: unreadable checkpoint ({exc})") from None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:   # damaged after it was written
+            raise ValueError(f"{outdir / CHECKPOINT}: unreadable checkpoint ({' '.join(str(exc).split())}); the run "
+                             "cannot be resumed from it: start a new run") from None
         if poses.shape != (n, 5):
             raise ValueError(f"{outdir / CHECKPOINT}: {len(poses)} poses for a stack of {n} particles")
         records = [IterationRecord(**r) for r in meta["records"]]
@@ -214,24 +229,74 @@ def _setup(stack: ParticleStack, opts: RefineOptions, maskfile) -> _Setup:
 
 
 def _check_new_outdir(outdir: Path) -> None:
+    """Refuse, before any work, an outdir that exists or that could not be a folder (a part of its path is a file)."""
     if outdir.exists():
         raise FileExistsError(f"{outdir}: output directory already exists; choose a new name "
                               "(or resume it with --continue)")
+    above = outdir.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if above.exists() and not above.is_dir():
+        raise NotADirectoryError(f"{outdir}: cannot be an output directory: {above} is a file, not a folder; "
+                                 "choose another OUTDIR")
 
 
 def _create_outdir(outdir: Path, opts: RefineOptions, source_path, maskfile, original_poses=None,
-                   identity=None) -> None:
+                   identity=None):
     """Make outdir with job.json; with --write-headers (original_poses given) also previous_poses.txt, the input's
     poses as they were before anything ran. It is written once, here, and never again: a run killed after the
-    input was replaced and then resumed (which reads the replaced input) cannot overwrite it."""
+    input was replaced and then resumed (which reads the replaced input) cannot overwrite it.
+
+    The folder is filled under a hidden name beside outdir ('.NAME.new-*') and renamed to outdir in one step, so a
+    kill leaves either no outdir (the same command runs again; the next run removes the hidden folder) or one
+    that --continue resumes. Returns outdir's lock file, open and locked (:func:`_lock`): the caller holds it
+    for the whole run and closes it at the end."""
+    parent = outdir.parent
     try:
-        outdir.mkdir(parents=True)
-    except FileExistsError:                   # made since the check: another run took the name
-        raise FileExistsError(f"{outdir}: another run created this output directory just now; choose another "
-                              "name") from None
-    if original_poses is not None:
-        _write_params(outdir / PREVIOUS_POSES, original_poses, overwrite=False)
-    _save_job(outdir, opts, source_path, maskfile, identity)
+        parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_creations(outdir)
+        staging = parent / f".{outdir.name}.new-{secrets.token_hex(4)}"
+        staging.mkdir()
+    except OSError as exc:
+        raise PermissionError(f"{outdir}: cannot create the output directory: {parent} does not take new folders "
+                              f"({exc.strerror or exc}); choose an OUTDIR where you can write") from None
+    lock = None
+    try:
+        lock = _lock(staging)                 # nobody else knows this name: it cannot be busy
+        if original_poses is not None:
+            _write_params(staging / PREVIOUS_POSES, original_poses, overwrite=False)
+        _save_job(staging, opts, source_path, maskfile, identity)
+        if outdir.exists():
+            raise FileExistsError(outdir)
+        try:
+            os.rename(staging, outdir)
+        except OSError:
+            raise FileExistsError(outdir) from None
+    except BaseException as exc:
+        if lock is not None:
+            lock.close()
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, FileExistsError) and str(exc) == str(outdir):    # made since the check: another run
+            raise FileExistsError(f"{outdir}: another run created this output directory just now; choose another "
+                                  "name") from None
+        if isinstance(exc, OSError) and exc.strerror and str(exc.filename).startswith(str(staging)):
+            # a full disk writing job.json: name the file the user asked for, not the hidden folder
+            raise OSError(exc.errno, exc.strerror, str(outdir) + str(exc.filename)[len(str(staging)):]) from None
+        raise
+    return lock
+
+
+def _remove_abandoned_creations(outdir: Path) -> None:
+    """Remove the hidden '.NAME.new-*' folders beside outdir that runs killed while making it left
+    (:func:`_create_outdir`): those whose lock no live run holds."""
+    for folder in outdir.parent.glob(f".{glob.escape(outdir.name)}.new-*"):
+        if not (folder / LOCK).is_file():
+            continue                          # not one of ours, or its run is between mkdir and lock: leave it
+        try:
+            with _lock(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+        except (RuntimeError, OSError):       # a live run is still making it, or it went meanwhile
+            continue
 
 
 def _remove_if_unstarted(outdir: Path) -> None:
@@ -242,19 +307,51 @@ def _remove_if_unstarted(outdir: Path) -> None:
 
 
 def _check_headers_writable(source_path) -> None:
-    """--write-headers replaces the input by a new file renamed over it: refuse at the start, not after the whole
-    refinement, when the input is not a file or its folder cannot take the new file."""
+    """--write-headers replaces the input by a new file renamed over it: refuse at the start (and at every
+    --continue), not after the whole refinement, when the input is not a regular file, is read-only (no write
+    permission, or none for anyone: root could write it, but the owner marked it so), its folder takes no new
+    file, or that folder's file system has no room for the new one (about the input's size)."""
     if source_path is None:
         raise ValueError("write_headers needs a stack given as a file path")
-    folder = Path(source_path).parent
-    try:                        # a real write (os.access says yes to root on a read-only file system)
+    source = Path(source_path)
+    folder = source.parent
+    advice = "copy the input somewhere writable, or leave out --write-headers"
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: --write-headers replaces the input file, and there is none here")
+    if not os.access(source, os.W_OK) or not source.stat().st_mode & 0o222:
+        raise PermissionError(f"{source}: --write-headers cannot replace it: the file is read-only; make it "
+                              f"writable (chmod u+w), {advice}")
+    problem = _write_probe(folder)
+    if problem is not None:
+        raise PermissionError(f"{source}: --write-headers cannot replace it: its folder {folder} does not "
+                              f"take new files ({problem.strerror or problem}); {advice}")
+    needed = int(1.1 * source.stat().st_size) + 2**20      # the new file, a little larger (more columns)
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OSError(f"{source}: --write-headers cannot replace it: the new file needs about "
+                      f"{needed / 2**20:.1f} MiB beside it and {folder} has {free / 2**20:.1f} MiB free; free some "
+                      f"space, {advice}")
+
+
+def _check_outdir_writable(outdir: Path) -> None:
+    """--continue writes its outputs into outdir: refuse at the start when the folder takes no new files."""
+    problem = _write_probe(outdir)
+    if problem is not None:
+        raise PermissionError(f"{outdir}: --continue cannot write its outputs here: the folder does not take new "
+                              f"files ({problem.strerror or problem}); make it writable, or copy it somewhere "
+                              "writable and --continue the copy")
+
+
+def _write_probe(folder: Path) -> OSError | None:
+    """None when folder takes a new file; else the OSError. A real write: os.access says yes to root on a read-only
+    file system."""
+    try:
         fd, probe = tempfile.mkstemp(prefix=".gpu-ali3d-write-test.", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise PermissionError(f"{source_path}: --write-headers cannot replace it: its folder {folder} does not "
-                              f"take new files ({exc.strerror}); copy the input somewhere writable, or leave out "
-                              "--write-headers") from None
+        return exc
+    return None
 
 
 def _load_job(outdir: Path) -> dict:
@@ -263,8 +360,11 @@ def _load_job(outdir: Path) -> dict:
         raise FileNotFoundError(f"{outdir}: no job.json here; is this a gpu-ali3d refine output directory?")
     try:
         job = json.loads(job_path.read_text())
-        if not isinstance(job, dict) or not isinstance(job.get("options"), dict) or "stack" not in job:
-            raise ValueError("no 'options' and 'stack' entries")
+        if not isinstance(job, dict) or not isinstance(job.get("options"), dict):
+            raise ValueError("no 'options' entry")
+        for key in ("stack", "maskfile"):             # a path, or null (an in-memory stack; the default mask)
+            if not isinstance(job.get(key, 0), (str, type(None))):
+                raise ValueError(f"no '{key}' entry" if key not in job else f"'{key}' is not a path")
         RefineOptions(**job["options"])
     except (ValueError, TypeError, OSError) as exc:
         raise ValueError(f"{job_path}: not a readable gpu-ali3d job file ({' '.join(str(exc).split())})") from None
@@ -348,44 +448,59 @@ def _check_function_file(job: dict, opts: RefineOptions, outdir: Path) -> None:
                          "run's own user function: restore it, or start a new run")
 
 
-def _with_log(outdir: Path, body, comm=None, *, lock: bool = True):
-    """Run body with log.txt attached (rank 0), holding outdir's lock unless the caller holds it (lock=False)."""
+def _with_log(outdir: Path, body, comm=None):
+    """Run body with log.txt attached (rank 0). The caller holds outdir's lock (:func:`_lock`)."""
     if comm is not None and comm.rank != 0:          # only rank 0 writes outdir (and log.txt)
         return body()
-    if not lock:
-        return _logged(outdir, body)
-    with _outdir_lock(outdir):
-        return _logged(outdir, body)
+    return _logged(outdir, body)
 
 
 LOCK = ".gpu-ali3d.lock"
 
 
-@contextlib.contextmanager
-def _outdir_lock(outdir: Path):
-    """Hold an exclusive lock on outdir for the whole run (rank 0), so that two runs (two --continue of one
-    folder) cannot both write it: the second is refused at once, naming the folder."""
+def _lock(folder: Path):
+    """Open folder's lock file and take an exclusive lock on it (flock), so that two runs (two --continue of one
+    folder) cannot both write it: the second is refused at once, naming the folder. Returns the open file; the
+    lock lasts until it is closed (also by a kill)."""
     import fcntl
 
-    with open(outdir / LOCK, "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise RuntimeError(f"{outdir}: another gpu-ali3d run is using this output directory; wait for it to "
-                               "end (or stop it), then --continue") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    try:
+        f = open(folder / LOCK, "a+")
+    except OSError as exc:
+        raise PermissionError(f"{folder}: cannot write in this output directory ({exc.strerror or exc}); make it "
+                              "writable, or copy it somewhere writable") from None
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise RuntimeError(f"{folder}: another gpu-ali3d run is using this output directory; wait for it to "
+                           "end (or stop it), then --continue") from None
+    return f
 
 
-def _tidy_for_resume(outdir: Path, state: "_State") -> None:
+@contextlib.contextmanager
+def _outdir_lock(outdir: Path):
+    """Hold outdir's lock (:func:`_lock`) for the body."""
+    with _lock(outdir):
+        yield
+
+
+def _tidy_for_resume(outdir: Path, state: "_State", source_path: Path | None = None) -> None:
     """Before a resumed run goes on: remove the temporaries a killed run left (atomic writes' hidden '.NAME.*'
-    files) and the --debug lines of the chunks it will redo (those at or after the checkpoint's position), so
-    progress.txt holds each chunk once."""
+    files; with --write-headers, ``source_path`` given, also the one beside the input), make summary.json say
+    what the checkpoint says (a kill between the two renames leaves it a chunk behind, and a run resumed after
+    its last chunk writes no other), and drop the --debug lines of the chunks it will redo (those at or after
+    the checkpoint's position), so progress.txt holds each chunk once."""
     for tmp in outdir.glob(".*"):
         if tmp.name != LOCK and tmp.is_file():
             tmp.unlink()
+    if source_path is not None:          # atomic_path's name for the new input: '.NAME.' + 8 characters + suffix
+        name = re.compile(rf"\.{re.escape(source_path.name)}\.[a-z0-9_]{{8}}{re.escape(source_path.suffix)}")
+        for tmp in source_path.parent.glob(f".{glob.escape(source_path.name)}.*"):
+            if name.fullmatch(tmp.name) and tmp.is_file():
+                tmp.unlink()
+    if state.records:
+        _write_json(outdir / "summary.json", [asdict(r) for r in state.records])
     progress = outdir / "progress.txt"
     if progress.is_file():
         keep = [line for line in progress.read_text().splitlines(keepends=True)
@@ -425,7 +540,7 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
     n, box, apix = len(stack), stack.box, stack.apix_A
     ou, mask, half, ctf = setup.ou, setup.mask, setup.half, setup.ctf
     if resumed and root:
-        _tidy_for_resume(outdir, state)
+        _tidy_for_resume(outdir, state, source_path if opts.write_headers else None)
     if resumed:
         say(f"resuming at iteration {state.next_iteration + 1}, chunk {state.next_chunk + 1}")
     say(f"gpu-ali3d local refinement: {n} particles, box {box}, {apix:g} A/px, ou {ou}, delta {opts.delta:g}, "
@@ -511,13 +626,14 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
 
 def _write_headers(source_path: Path, original: ParticleStack, refined: ParticleStack, outdir: Path) -> None:
     """--write-headers: replace the input by a new file with the refined poses (written beside it and renamed over
-    it: the input is whole at every moment). The input's original poses were saved in outdir/previous_poses.txt
-    when outdir was made (:func:`_create_outdir`); an output directory from before that has them written now,
-    from ``original``, only if the file is missing."""
+    it: the input is whole at every moment). A STAR or .cs input keeps all but its pose columns and half sets, its
+    image paths included (:func:`io.formats.write_poses`). The input's original poses were saved in
+    outdir/previous_poses.txt when outdir was made (:func:`_create_outdir`); an output directory from before that
+    has them written now, from ``original``, only if the file is missing."""
     previous = outdir / PREVIOUS_POSES
     if not previous.is_file():
         _write_params(previous, original.poses, overwrite=False)
-    write_stack(refined, source_path, overwrite=True)
+    write_poses(refined, source_path)
     _say(f"wrote the refined poses into {source_path} (previous poses: {previous})")
 
 

@@ -72,6 +72,28 @@ def phantom(box: int, rng: np.random.Generator | None = None) -> np.ndarray:
     return vol.astype(np.float32)
 
 
+def even_box(volume: np.ndarray) -> tuple[np.ndarray, int]:
+    """An odd cube (M, M, M) padded to the even box M + 1, as particles for RELION and cryoSPARC need; even: as is.
+
+    RELION extracts even boxes only and mishandles odd ones (RELION 3.1's relion_project of a 65^3 map is ours
+    shifted by a pixel in x and y; tests/test_real_clients.py), so ``gpu-ali3d simulate`` of an odd map makes
+    (M + 1)-pixel particles instead of refusing it. One plane is added before each axis (numpy order), so the map's
+    centre voxel M // 2 becomes the new box's centre (M + 1) // 2: the projections are the odd map's with one more
+    row and column, unshifted, for us and for RELION alike. The plane holds the mean of the map's outermost voxels
+    (its solvent level), so no edge appears. Padding loses nothing, where cropping to M - 1 would drop a plane.
+
+    Returns (float32 volume, the box before padding).
+    """
+    vol = np.asarray(volume, dtype=np.float32)
+    if vol.ndim != 3 or len(set(vol.shape)) != 1:
+        raise ValueError(f"volume must be a cube (M, M, M) in numpy order (z, y, x); got shape {vol.shape}")
+    box = vol.shape[0]
+    if box % 2 == 0:
+        return vol, box
+    faces = np.concatenate([vol[[0, -1]].ravel(), vol[:, [0, -1]].ravel(), vol[:, :, [0, -1]].ravel()])
+    return np.pad(vol, [(1, 0)] * 3, constant_values=float(faces.mean())), box
+
+
 def simulate(volume: np.ndarray, n: int, *, apix_A: float, snr: float, angle_error_deg: float,
              shift_error_px: float, ctf: bool, rng: np.random.Generator,
              defocus_range_A: tuple[float, float] = (10000, 30000), astigmatism_A: float = 300,

@@ -3,6 +3,7 @@ option or file at fault, nothing left behind in the output folder, and the input
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import mrcfile
@@ -41,6 +42,13 @@ def inputs(tmp_path_factory) -> Path:
     for name, code in functions.items():
         (tmp / f"uf_{name}.py").write_text(code)
     (tmp / "empty.star").write_text("")
+    plain, _ = simulate(phantom(24), 6, apix_A=4.0, snr=10.0, angle_error_deg=3.0, shift_error_px=1.0, ctf=False,
+                        rng=np.random.default_rng(3))
+    write_stack(plain, tmp / "noctf.star")                                      # no defocus: --CTF cannot apply
+    text = (tmp / "sim.star").read_text()
+    (tmp / "dupcol.star").write_text(re.sub(r"_rlnDefocusV #(\d+)", r"_rlnDefocusU #\1", text))   # a column twice
+    (tmp / "text_defocus.star").write_text(re.sub(r"(@\S+(?:\s+\S+){5}\s+)\S+", r"\1abc", text, count=1))
+    (tmp / "lost_mrcs.star").write_text(re.sub(r"@\S*sim\.mrcs", "@lost.mrcs", text))   # names a missing stack
     return tmp
 
 
@@ -91,6 +99,11 @@ FILE_CASES = [
     (["{d}/sim.star", "{out}", "{d}/mask_ones.mrc"], "mask_ones.mrc"),
     (["{d}/sim.star", "{out}", "{d}/mask_small.mrc"], "mask_small.mrc"),
     (["{d}/sim.star", "{out}", "{d}/no_mask.mrc"], "no_mask.mrc"),
+    (["{d}/noctf.star"], "--CTF"),                       # README: --CTF given but the stack has no CTF parameters
+    (["{d}/lost_mrcs.star"], "lost.mrcs"),               # README: rlnImageName points at a missing .mrcs
+    (["{d}/dupcol.star"], "dupcol.star"),                # a duplicate STAR column
+    (["{d}/text_defocus.star"], "text_defocus.star"),    # a non-numeric defocus
+    (["{d}/sim.star", "{d}/sim.star/out"], "is a file"),  # an output directory under a regular file (ENOTDIR)
 ]
 
 
@@ -183,9 +196,11 @@ def test_continue_refuses_a_changed_input(finished_run, tmp_path, capsys, change
             starfile.write(blocks, src, overwrite=True)
         else:
             write_stack(stack, src, overwrite=True)
+        before = _digest(run)
         code, err = _continue(run, capsys)
         assert code == 2 and len(err.splitlines()) == 1, err
         assert "input changed" in err and "input.star" in err, err
+        assert _digest(run) == before
     finally:
         src.write_bytes(original)
 
@@ -211,10 +226,57 @@ def test_continue_refuses_a_changed_or_inside_function_file(finished_run, tmp_pa
     assert code == 2 and "inside the output folder" in err, err
 
 
-@pytest.mark.parametrize("content", ["{not json", "[]", '{"stack": null}', '{"options": {"maxit": -3}, "stack": null}'])
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"stack": null}', '{"options": {"maxit": -3}, "stack": null}',
+                                     '{"options": {}, "stack": null}', '{"options": {}, "stack": 5, "maskfile": null}'])
 def test_continue_refuses_a_corrupt_job_file(tmp_path, capsys, content):
     run = tmp_path / "run"
     run.mkdir()
     (run / "job.json").write_text(content)
     code, err = _continue(run, capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "job.json" in err, err
+    assert sorted(p.name for p in run.iterdir()) == ["job.json"] and (run / "job.json").read_text() == content
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not a zip"])
+def test_continue_refuses_a_damaged_checkpoint(finished_run, tmp_path, capsys, damage):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(finished_run / "run", run)
+    data = (run / "checkpoint.npz").read_bytes()
+    (run / "checkpoint.npz").write_bytes({"truncated": data[: len(data) // 2], "empty": b"",
+                                          "not a zip": b"poses" * 100}[damage])
+    before = _digest(run)
+    code, err = _continue(run, capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{run / 'checkpoint.npz'}: unreadable checkpoint" in err, err
+    assert _digest(run) == before
+
+
+def test_no_compiler_for_the_cpu_kernels_is_one_line(inputs, tmp_path):
+    # README: "no C++ compiler found": an empty kernel cache and a PATH with python (and the console script) only
+    import os
+    import subprocess
+    import sys
+    before = _digest(inputs)
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent), "GPU_ALI3D_CACHE": str(tmp_path / "cache")}
+    env.pop("CXX", None)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "gpu_ali3d", "refine", str(inputs / "sim.star"), str(out),
+                           "--maxit", "1", "--device", "cpu"], capture_output=True, text=True, env=env, timeout=300)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "no C++ compiler" in err and "CXX" in err, err
+    assert not out.exists() and _digest(inputs) == before
+
+
+def test_device_gpu_without_a_gpu_is_one_line(inputs, tmp_path, capsys):
+    # README: "backend 'gpu' needs cupy" / "no CUDA device is visible"
+    from conftest import _gpu_available
+    if _gpu_available():
+        pytest.skip("a GPU is usable here: --device gpu is not a bad input")
+    before = _digest(inputs)
+    out = tmp_path / "out"
+    assert main(["refine", str(inputs / "sim.star"), str(out), "--maxit", "1", "--device", "gpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--device cpu" in err, err
+    assert not out.exists() and _digest(inputs) == before

@@ -109,7 +109,7 @@ def test_write_cs_round_trip(clean, tmp_path):
     path = write_cs(star, out_dir / "refined.cs")
     assert sorted(p.name for p in out_dir.iterdir()) == ["refined.cs"]  # images referenced, not copied
     cs = np.load(path)
-    assert not os.path.isabs(cs["blob/path"][0].decode())
+    assert cs["blob/path"][0].decode() == (clean / "sim.mrcs").as_posix()   # outside the current folder: absolute
     assert_same_particles(read_cs(path), star)
     with pytest.raises(FileExistsError, match=r"refined\.cs"):
         write_cs(star, path)
@@ -155,3 +155,99 @@ def test_class_number_survives_cs(tmp_path, shared_data):
     back = read_cs(tmp_path / "p.cs")
     np.testing.assert_array_equal(back.meta["rlnClassNumber"], star.meta["rlnClassNumber"])
     np.testing.assert_array_equal(back.meta["rlnRandomSubset"], star.meta["rlnRandomSubset"])
+
+
+# ------------------------------------------------------------ a real cryoSPARC refinement's .cs (issue 12, item 7)
+from scipy.spatial.transform import Rotation  # noqa: E402
+
+from gpu_ali3d.io.cryosparc import replace_cs_poses  # noqa: E402
+from gpu_ali3d.io.mrc import write_mrc_stack  # noqa: E402
+
+
+@pytest.fixture
+def real_cs(test_data) -> np.ndarray:
+    """Five rows of a cryoSPARC 3D refinement's particles (cryoDRGN's test data; tests/data/cryodrgn/README.md)."""
+    return np.load(test_data / "cryodrgn" / "cryosparc_P12_J24_001_particles.head5.cs")
+
+
+def test_our_cs_has_the_fields_a_cryosparc_refinement_writes(clean, tmp_path, real_cs):
+    """alignments3D/class_posterior (1.0) and alignments3D/class (0) are there, as in cryoSPARC's own file, and every
+    field we share with it has its type and shape (blob/path: bytes of any length)."""
+    assert real_cs["alignments3D/class_posterior"].tolist() == [1.0] * 5 and real_cs["alignments3D/class"].tolist() \
+        == [0] * 5
+    ours = np.load(write_cs(read_star(clean / "start.star"), tmp_path / "ours.cs"))
+    for name in ("alignments3D/class_posterior", "alignments3D/class"):
+        assert name in ours.dtype.names, name
+    shared = [f for f in ours.dtype.names if f in real_cs.dtype.names]
+    assert len(shared) == len(ours.dtype.names) - 1                   # all but ctf/bfactor, which cryoSPARC adds
+    for name in shared:                                              # with the B-factor set only
+        if name == "blob/path":
+            assert ours.dtype[name].kind == real_cs.dtype[name].kind == "S"
+        else:
+            assert ours.dtype[name] == real_cs.dtype[name], (name, ours.dtype[name], real_cs.dtype[name])
+    assert np.all(ours["alignments3D/class_posterior"] == 1.0) and np.all(ours["alignments3D/class"] == 0)
+
+
+def test_a_real_cryosparc_cs_reads_with_its_own_values(tmp_path, real_cs, monkeypatch):
+    """The real file in its project layout (<project>/J24/, blob/path 'J19/extract/...'), read from elsewhere,
+    with a stand-in stack (its images are not in the fixtures): each value against the file's own fields."""
+    project = tmp_path / "P12"
+    (project / "J24").mkdir(parents=True)
+    save_cs(project / "J24" / "particles.cs", real_cs)
+    stand_in = np.random.default_rng(0).standard_normal((5, 180, 180)).astype(np.float32)
+    (project / "J19" / "extract").mkdir(parents=True)
+    write_mrc_stack(project / real_cs["blob/path"][0].decode(), stand_in, 2.95)
+    monkeypatch.chdir(tmp_path)
+    stack = read_cs(project / "J24" / "particles.cs")
+    assert (len(stack), stack.box, stack.apix_A) == (5, 180, 2.95)
+    from_file = Rotation.from_rotvec(real_cs["alignments3D/pose"].astype(np.float64))
+    ours = Rotation.from_euler("ZYZ", stack.poses[:, :3], degrees=True)   # cryoSPARC's = RELION's transposed
+    assert np.rad2deg((from_file.inv() * ours).magnitude()).max() < 1e-6
+    np.testing.assert_allclose(stack.poses[:, 3:], real_cs["alignments3D/shift"], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(stack.ctf.defocus_u_A, real_cs["ctf/df1_A"])
+    np.testing.assert_array_equal(stack.meta["rlnRandomSubset"], real_cs["alignments3D/split"] + 1)
+    np.testing.assert_array_equal(stack.meta["rlnClassNumber"], real_cs["alignments3D/class"] + 1)
+    np.testing.assert_array_equal(stack.read_images(), stand_in)
+
+
+def test_cs_paths_are_found_from_the_current_folder_first(clean, tmp_path, monkeypatch):
+    """What write_cs writes (blob/path relative to the folder it ran in) reads back from there; a path that two
+    of the places resolve to different files is refused, naming both."""
+    star = read_star(clean / "sim.star")
+    shutil.copyfile(clean / "sim.mrcs", tmp_path / "sim.mrcs")
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)
+    star = ParticleStack(images=read_cs(save_cs(tmp_path / "in.cs", make_cs(star, "sim.mrcs"))).images,
+                         poses=star.poses, apix_A=star.apix_A, ctf=star.ctf, meta=star.meta)
+    path = write_cs(star, "out/p.cs")
+    assert set(np.load(path)["blob/path"]) == {b"sim.mrcs"}
+    assert_same_particles(read_cs(path), star)
+    shutil.copyfile(clean / "sim.mrcs", tmp_path / "out" / "sim.mrcs")
+    with pytest.raises(ValueError) as info:
+        read_cs(path)
+    text = str(info.value)
+    assert "ambiguous" in text and str(tmp_path / "sim.mrcs") in text and str(tmp_path / "out" / "sim.mrcs") in text
+
+
+def test_replace_cs_poses_keeps_every_other_field(clean, tmp_path):
+    """--write-headers' writer for .cs: blob/path (with cryoSPARC's '>') and all but pose, shift and split keep the
+    file's bytes."""
+    star = read_star(clean / "start.star")
+    (tmp_path / "J7").mkdir()
+    rel = os.path.relpath(clean / "sim.mrcs", tmp_path / "J7")
+    path = save_cs(tmp_path / "J7" / "particles.cs", make_cs(star, ">" + rel))
+    before = np.load(path)
+    stack = read_cs(path)
+    stack.poses = stack.poses + np.random.default_rng(3).uniform(-2, 2, stack.poses.shape)
+    stack.meta["rlnRandomSubset"] = 3 - stack.meta["rlnRandomSubset"]
+    replace_cs_poses(stack, path)
+    after = np.load(path)
+    assert after.dtype == before.dtype
+    changed = {"alignments3D/pose", "alignments3D/shift", "alignments3D/split"}
+    for name in before.dtype.names:
+        if name not in changed:
+            np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+    assert after["blob/path"][0] == (">" + rel).encode()
+    np.testing.assert_array_equal(after["alignments3D/split"], 1 - before["alignments3D/split"])
+    assert angular_distance(read_cs(path).poses, stack.poses).max() < 1e-3     # float32 rotation vectors
+    np.testing.assert_allclose(after["alignments3D/shift"], stack.poses[:, 3:], atol=1e-5)

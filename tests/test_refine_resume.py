@@ -126,22 +126,22 @@ import gpu_ali3d.refine as refine
 from gpu_ali3d.cli import main
 
 source, when, how = Path(sys.argv[1]).resolve(), sys.argv[2], sys.argv[3]
-real = refine.write_stack
-
 def stop():
     if how == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     raise KeyboardInterrupt
 
-def write_stack(stack, path, **kw):
-    is_input = Path(path).resolve() == source
-    if is_input and when == "before":
-        stop()
-    real(stack, path, **kw)
-    if is_input and when == "after":
-        stop()
+def stopping(real):  # the writers refine uses (write_poses for --write-headers), stopped around the input's
+    def write(stack, path, **kw):
+        is_input = Path(path).resolve() == source
+        if is_input and when == "before":
+            stop()
+        real(stack, path, **kw)
+        if is_input and when == "after":
+            stop()
+    return write
 
-refine.write_stack = write_stack
+refine.write_stack, refine.write_poses = stopping(refine.write_stack), stopping(refine.write_poses)
 sys.exit(main(sys.argv[4:]))
 """
 

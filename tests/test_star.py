@@ -92,9 +92,19 @@ def test_is_star(clean, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- round trips
-def test_round_trip_31_references_images(clean, tmp_path):
-    stack = read_star(clean / "start.star")
-    out_dir = tmp_path / "refine" / "job001"
+def test_round_trip_31_references_images(clean, tmp_path, monkeypatch):
+    """Image paths are written as RELION reads them: relative to the current folder (the project folder) for a
+    stack inside it, absolute for one outside it; never relative to the STAR file's own folder."""
+    outside = write_star(read_star(clean / "start.star"), tmp_path / "outside.star")
+    assert {ref.split("@")[1] for ref in starfile.read(outside)["particles"]["rlnImageName"]} == \
+        {(clean / "sim.mrcs").as_posix()}
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copyfile(clean / "sim.mrcs", project / "sim.mrcs")
+    (project / "sim.star").write_text((clean / "start.star").read_text())
+    monkeypatch.chdir(project)
+    stack = read_star("sim.star")
+    out_dir = project / "refine" / "job001"
     out_dir.mkdir(parents=True)
     out = write_star(stack, out_dir / "particles.star")
     assert sorted(p.name for p in out_dir.iterdir()) == ["particles.star"]  # images referenced, not copied
@@ -102,13 +112,10 @@ def test_round_trip_31_references_images(clean, tmp_path):
     assert list(blocks) == ["optics", "particles"]
     assert blocks["optics"]["rlnImagePixelSize"].tolist() == [4.0]
     assert blocks["optics"]["rlnImageSize"].tolist() == [64]
-    for ref in blocks["particles"]["rlnImageName"]:
-        index, rel = ref.split("@")
-        assert not os.path.isabs(rel)
-        assert (out_dir / rel).resolve() == (clean / "sim.mrcs").resolve()
+    assert {ref.split("@")[1] for ref in blocks["particles"]["rlnImageName"]} == {"sim.mrcs"}   # cwd-relative
     back = read_star(out)
     _assert_same(stack, back)
-    assert back.image_refs[5].startswith("000006@")
+    assert back.image_refs[5] == "000006@sim.mrcs"
 
 
 def test_round_trip_30(clean, tmp_path):
@@ -173,7 +180,9 @@ def test_in_memory_images_are_written_beside(clean, tmp_path):
     with mrcfile.open(tmp_path / "mem.mrcs", permissive=False) as mrc:
         assert mrc.header.ispg == 0 and mrc.voxel_size.x == pytest.approx(4.0)
     back = read_star(out)
-    assert back.image_refs[0] == "000001@mem.mrcs" and isinstance(back.images, MrcStackImages)
+    # tmp_path is outside the current folder: the path is absolute (inside it, relative to it: the test above)
+    assert back.image_refs[0] == f"000001@{(tmp_path / 'mem.mrcs').as_posix()}"
+    assert isinstance(back.images, MrcStackImages)
     np.testing.assert_array_equal(back.read_images(), images)
     _assert_same(stack, back, meta=False)
 
@@ -510,3 +519,149 @@ def test_missing_stack_message_names_each_place_once(local_copy, monkeypatch):
     text = str(info.value)
     where = str(local_copy / "sim.mrcs")
     assert text.count(where) == 1 and "image_dir" not in text and "project folder" in text, text
+
+
+# ------------------------------------------------------- image paths as RELION resolves them (issue 12, item 1)
+from gpu_ali3d.io.star import OddBoxWarning, replace_star_poses  # noqa: E402
+
+
+def _relion_project(tmp_path: Path, clean: Path) -> Path:
+    """A RELION project layout: Extract/job005/sim.mrcs, and Refine3D/job010/run_data.star naming its images
+    'Extract/job005/sim.mrcs' (relative to the project folder, as RELION writes them)."""
+    project = tmp_path / "project"
+    (project / "Extract" / "job005").mkdir(parents=True)
+    (project / "Refine3D" / "job010").mkdir(parents=True)
+    shutil.copyfile(clean / "sim.mrcs", project / "Extract" / "job005" / "sim.mrcs")
+    _edit_star(clean / "start.star", project / "Refine3D" / "job010" / "run_data.star",
+               lambda t: t.assign(rlnImageName=t["rlnImageName"].str.replace("@", "@Extract/job005/")))
+    return project
+
+
+def test_image_paths_are_found_from_the_current_folder_as_relion_does(clean, tmp_path, monkeypatch):
+    project = _relion_project(tmp_path, clean)
+    monkeypatch.chdir(project)
+    stack = read_star("Refine3D/job010/run_data.star")
+    assert stack.images.files == [project / "Extract" / "job005" / "sim.mrcs"]
+    np.testing.assert_array_equal(stack.read_images([0, 199]), mrcfile.read(clean / "sim.mrcs")[[0, 199]])
+    # from elsewhere neither the current folder nor the STAR's folder holds Extract/job005/sim.mrcs
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as info:
+        read_star(project / "Refine3D" / "job010" / "run_data.star")
+    text = str(info.value)
+    assert str(tmp_path / "Extract" / "job005" / "sim.mrcs") in text, text
+    assert str(project / "Refine3D" / "job010" / "Extract" / "job005" / "sim.mrcs") in text, text
+
+
+def test_paths_relative_to_the_star_folder_still_read(local_copy, tmp_path, monkeypatch):
+    """Files whose paths are relative to their own folder (gpu-ali3d's before, other tools', copies made with
+    their stacks) are read from any folder: the fallback when the current folder does not hold the file."""
+    monkeypatch.chdir(tmp_path)
+    stack = read_star(local_copy / "start.star")
+    assert stack.images.files == [local_copy / "sim.mrcs"]
+
+
+def test_a_path_both_folders_resolve_to_different_files_is_refused_naming_both(local_copy, tmp_path, monkeypatch):
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    shutil.copyfile(local_copy / "sim.mrcs", other / "sim.mrcs")
+    monkeypatch.chdir(other)
+    with pytest.raises(ValueError) as info:
+        read_star(local_copy / "start.star")
+    text = str(info.value)
+    assert "ambiguous" in text and str(other / "sim.mrcs") in text and str(local_copy / "sim.mrcs") in text, text
+    # the same file reached both ways (here: the current folder is the STAR's) is no ambiguity
+    monkeypatch.chdir(local_copy)
+    assert read_star("start.star").images.files == [local_copy / "sim.mrcs"]
+    (other / "sim.mrcs").unlink()
+    (other / "sim.mrcs").symlink_to(local_copy / "sim.mrcs")
+    monkeypatch.chdir(other)
+    assert len(read_star(local_copy / "start.star")) == 200
+
+
+def test_every_file_we_write_reads_back_from_the_folder_it_was_written_in(clean, tmp_path, monkeypatch):
+    """Written from the project folder (images inside it: relative paths), read back there; written with the images
+    outside the current folder (absolute paths), read back from anywhere."""
+    project = _relion_project(tmp_path, clean)
+    monkeypatch.chdir(project)
+    stack = read_star("Refine3D/job010/run_data.star")
+    (project / "Refine3D" / "job011").mkdir()
+    out = write_star(stack, "Refine3D/job011/particles.star")
+    names = starfile.read(out)["particles"]["rlnImageName"]
+    assert {n.split("@")[1] for n in names} == {"Extract/job005/sim.mrcs"}
+    _assert_same(stack, read_star(out))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)                             # the images are outside this folder: absolute paths
+    outside = write_star(stack, elsewhere / "abs.star")
+    assert {n.split("@")[1] for n in starfile.read(outside)["particles"]["rlnImageName"]} == \
+        {(project / "Extract" / "job005" / "sim.mrcs").as_posix()}
+    monkeypatch.chdir(project / "Extract")
+    _assert_same(stack, read_star(outside))
+
+
+def test_replace_star_poses_changes_the_pose_columns_only(clean, tmp_path, monkeypatch):
+    """--write-headers' writer: the input's image names (here in forms our writer would never produce: a './'
+    and RELION's ':mrcs' type suffix), optics, CTF and other columns keep the file's values; poses and half sets are
+    the stack's."""
+    project = _relion_project(tmp_path, clean)
+    star = project / "Refine3D" / "job010" / "run_data.star"
+    _edit_star(star, star, lambda t: t.assign(rlnImageName=t["rlnImageName"].str.replace("@", "@./") + ":mrcs",
+                                              rlnMicrographName=[f"mics/m{k}.mrc" for k in range(len(t))]))
+    monkeypatch.chdir(project)
+    before = starfile.read(star, always_dict=True)
+    stack = read_star(star)
+    rng = np.random.default_rng(5)
+    stack.poses = stack.poses + rng.uniform(-3, 3, stack.poses.shape)
+    stack.meta["rlnRandomSubset"] = 3 - np.asarray(stack.meta["rlnRandomSubset"])    # swapped half sets
+    replace_star_poses(stack, star)
+    after = starfile.read(star, always_dict=True)
+    assert list(after) == list(before)
+    pd.testing.assert_frame_equal(after["optics"], before["optics"], check_dtype=False)   # 300.000000 -> 300
+    old, new = before["particles"], after["particles"]
+    assert list(new.columns) == list(old.columns)
+    pose_columns = ANGLES + ["rlnOriginXAngst", "rlnOriginYAngst"]
+    for c in old.columns:
+        if c not in pose_columns + ["rlnRandomSubset"]:
+            pd.testing.assert_series_equal(new[c], old[c], check_dtype=False, rtol=0, atol=0, obj=c)
+    assert new["rlnImageName"][0] == "000001@./Extract/job005/sim.mrcs:mrcs"
+    np.testing.assert_array_equal(new["rlnRandomSubset"], 3 - old["rlnRandomSubset"])
+    back = read_star(star)
+    assert angular_distance(back.poses, stack.poses).max() < 1e-6
+    np.testing.assert_allclose(back.poses[:, 3:], stack.poses[:, 3:], atol=1e-9)
+
+    # a file that no longer holds the particles read from it is refused, and left as it is
+    shorter = stack.images.refs()[:10]
+    small = ParticleStack(images=MrcStackImages(shorter, "x"), poses=stack.poses[:10], apix_A=4.0,
+                          image_refs=stack.image_refs[:10])
+    with pytest.raises(ValueError, match=r"no longer holds the 10 particles"):
+        replace_star_poses(small, star)
+    pd.testing.assert_frame_equal(starfile.read(star, always_dict=True)["particles"], new)
+
+
+def test_replace_star_poses_keeps_relion_30_origins_in_pixels(clean, tmp_path):
+    stack = read_star(clean / "start.star")
+    star = write_star(stack, tmp_path / "p30.star", version="3.0")
+    stack = read_star(star)
+    stack.poses[:, 3:] += 0.5
+    replace_star_poses(stack, star)
+    table = starfile.read(star)
+    assert "rlnOriginXAngst" not in table.columns
+    np.testing.assert_allclose(table[["rlnOriginX", "rlnOriginY"]].to_numpy(), stack.poses[:, 3:], atol=1e-9)
+
+
+# ------------------------------------------------------------------------------ odd boxes (issue 12, item 8)
+def test_odd_box_star_is_written_with_a_one_line_warning(tmp_path):
+    stack = ParticleStack(images=ArrayImages(np.ones((3, 33, 33), np.float32)), poses=np.zeros((3, 5)), apix_A=2.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_star(stack, tmp_path / "a.star")
+        write_star(stack, tmp_path / "b.star", version="3.0")
+    odd = [w for w in caught if issubclass(w.category, OddBoxWarning)]
+    assert len(odd) == 2, [str(w.message) for w in caught]                 # one per file (the CLI says it once)
+    text = str(odd[0].message)
+    assert "\n" not in text and "33 pixels" in text and "RELION" in text and "even box" in text
+    assert read_star(tmp_path / "b.star").box == 33                                 # written all the same
+    even = ParticleStack(images=ArrayImages(np.ones((3, 32, 32), np.float32)), poses=np.zeros((3, 5)), apix_A=2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OddBoxWarning)
+        write_star(even, tmp_path / "c.star")

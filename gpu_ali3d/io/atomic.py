@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +30,10 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator
         refuse_existing(final)
     if not final.parent.is_dir():
         raise FileNotFoundError(f"{final}: directory {final.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=final.suffix or ".tmp", dir=final.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=final.suffix or ".tmp", dir=final.parent)
+    except OSError as exc:                         # a read-only folder, a full disk: name the output, not the temporary
+        raise OSError(exc.errno, exc.strerror or str(exc), str(final)) from None
     os.close(fd)
     os.unlink(tmp)  # writers create the file themselves (h5py, mrcfile refuse some existing files)
     tmp_path = Path(tmp)
@@ -38,6 +42,23 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator
         if not overwrite and final.exists():
             raise FileExistsError(f"{final}: appeared while writing; not overwritten")
         os.replace(tmp_path, final)
+    except (OSError, RuntimeError) as exc:
+        # a failed write (a full disk: write() names no file) or one that names the hidden temporary: name the output
+        code = _errno(exc, tmp_path)
+        if code is not None:
+            raise OSError(code, os.strerror(code), str(final)) from exc
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _errno(exc: BaseException, tmp: Path) -> int | None:
+    """The errno of a failed write into ``tmp``: an OSError's own (when it names no file, or tmp), or the one HDF5
+    puts in its message ('... filename = TMP, ... errno = 28, ...', raised by h5py as RuntimeError or OSError)."""
+    if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, str(tmp), tmp):
+        return exc.errno
+    found = re.search(r"errno = (\d+)", str(exc))
+    if found and str(tmp) in str(exc):
+        return int(found.group(1))
+    return None

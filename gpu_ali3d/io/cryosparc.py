@@ -16,7 +16,7 @@ import numpy as np
 
 from ..ctf import from_relion
 from ..geometry import cryosparc_from_spider, spider_from_cryosparc
-from .atomic import refuse_existing
+from .atomic import atomic_path, refuse_existing
 from .mrc import MrcStackImages, mrc_voxel_size, plan_image_refs, write_with_images
 from .stack import ParticleStack
 
@@ -27,8 +27,10 @@ _CTF_FIELDS = ("ctf/df1_A", "ctf/df2_A", "ctf/df_angle_rad", "ctf/accel_kv", "ct
 def read_cs(path: str | os.PathLike, *, project_dir: str | os.PathLike | None = None) -> ParticleStack:
     """A cryoSPARC particle .cs file -> ParticleStack with lazily read MRC images.
 
-    ``blob/path`` is relative to ``project_dir`` when given; otherwise it is looked up beside the .cs file and then
-    in the directory above it (a .cs file exported by cryoSPARC sits in ``<project>/J<n>/``).
+    ``blob/path`` is relative to ``project_dir`` when given; otherwise it is looked up relative to the current
+    directory (where the .cs files gpu-ali3d writes have it, as RELION reads image paths), beside the .cs file, and
+    in the directory above it (a .cs file exported by cryoSPARC sits in ``<project>/J<n>/``, its paths relative to
+    ``<project>``); two of those holding different files is an error naming both.
     image_refs are ``"index@path"`` (1-based) with the path as the file gives it (without the '>').
     """
     path = Path(path)
@@ -85,9 +87,13 @@ def read_cs(path: str | os.PathLike, *, project_dir: str | os.PathLike | None = 
 def write_cs(stack: ParticleStack, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write a ParticleStack as a cryoSPARC-style .cs file (poses, shifts, CTF, image locations).
 
-    Images read from MRC files are referenced (``blob/path`` relative to the .cs file's directory); others are
-    written to ``<stem>.mrcs`` beside it. All or nothing; existing outputs are refused unless ``overwrite``.
-    Fields are stored with cryoSPARC's types (float32 poses: about 1e-5 degrees of rounding).
+    Images read from MRC files are referenced; others are written to ``<stem>.mrcs`` beside it. ``blob/path`` is
+    written as RELION reads image paths, relative to the current directory (absolute for files outside it;
+    :func:`mrc.image_path_for_metadata`), so a cryoSPARC-to-STAR conversion of the file, used from the folder
+    gpu-ali3d ran in, finds the images. All or nothing; existing outputs are refused unless ``overwrite``.
+    Fields are stored with cryoSPARC's names and types (float32 poses: about 1e-5 degrees of rounding), one class:
+    ``alignments3D/class`` 0 (or ``rlnClassNumber`` - 1, uint32) and ``alignments3D/class_posterior`` 1.0
+    (float32), as a cryoSPARC refinement's .cs has them: cryoSPARC-to-STAR converters take the poses by class.
     """
     path = Path(path)
     if not overwrite:
@@ -95,6 +101,34 @@ def write_cs(stack: ParticleStack, path: str | os.PathLike, *, overwrite: bool =
     mrcs_path, files, index = plan_image_refs(stack, path, kind=".cs", overwrite=overwrite)
     table = _table(stack, files, index)
     write_with_images(path, mrcs_path, stack, lambda tmp: _save(table, tmp), overwrite=overwrite)
+    return path
+
+
+def replace_cs_poses(stack: ParticleStack, path: str | os.PathLike) -> Path:
+    """Write ``stack``'s poses into the .cs file it was read from (``--write-headers``), everything else as it was.
+
+    Only ``alignments3D/pose``, ``alignments3D/shift`` and ``alignments3D/split`` (from ``stack.meta``'s
+    rlnRandomSubset, the half sets a refinement used; added when the file has none) change; ``blob/path`` and every
+    other field keep the file's bytes. The file must still hold the particles the stack was read from (as many, with
+    the same blob/path and blob/idx in the same order): ValueError otherwise. Replaced atomically.
+    """
+    path = Path(path)
+    cs = np.load(path, allow_pickle=False)
+    refs = [f"{int(i) + 1:06d}@{_decode(p)}" for p, i in zip(cs["blob/path"], cs["blob/idx"])]
+    if len(cs) != len(stack) or (stack.image_refs is not None and refs != list(stack.image_refs)):
+        raise ValueError(f"{path}: the file no longer holds the {len(stack)} particles the refinement read from it "
+                         f"({len(cs)} rows now, or other blob/path, blob/idx); the refined poses are in the output "
+                         "folder's particles.star")
+    if "rlnRandomSubset" in stack.meta and "alignments3D/split" not in cs.dtype.names:
+        grown = np.zeros(len(cs), dtype=cs.dtype.descr + [("alignments3D/split", "<u4")])
+        for name in cs.dtype.names:
+            grown[name] = cs[name]
+        cs = grown
+    cs["alignments3D/pose"], cs["alignments3D/shift"] = cryosparc_from_spider(stack.poses)
+    if "rlnRandomSubset" in stack.meta:
+        cs["alignments3D/split"] = np.clip(np.asarray(stack.meta["rlnRandomSubset"], dtype=np.int64) - 1, 0, 1)
+    with atomic_path(path, overwrite=True) as tmp:
+        _save(cs, tmp)
     return path
 
 
@@ -111,17 +145,23 @@ def _resolve_files(path: Path, files: list[str], project_dir) -> dict[str, Path]
         if p.is_absolute():
             candidates = [p]
         elif project_dir is not None:
-            candidates = [Path(project_dir) / p]
+            candidates = [Path(os.path.abspath(Path(project_dir) / p))]
         else:
-            candidates = [path.parent / p, path.parent.parent / p]
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            where = " or ".join(dict.fromkeys(os.path.abspath(c) for c in candidates))
+            candidates = list(dict.fromkeys(Path(os.path.abspath(c))
+                                            for c in (p, path.parent / p, path.parent.parent / p)))
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            where = " or ".join(str(c) for c in candidates)
             raise FileNotFoundError(f"{path}: image stack {f} not found (looked for {where}); blob/path is relative "
                                     "to the cryoSPARC project folder: keep the .cs file in its job folder "
                                     "(<project>/J<n>/) or beside the stacks' folders, or check that the stacks "
                                     "were copied with it")
-        out[f] = found
+        other = next((c for c in found[1:] if not os.path.samefile(c, found[0])), None)
+        if other is not None:
+            raise ValueError(f"{path}: image stack {f} is ambiguous: both {found[0]} and {other} exist and are "
+                             "different files; run gpu-ali3d from the folder blob/path is relative to (the "
+                             "cryoSPARC project folder), or remove the stale copy")
+        out[f] = found[0]
     return out
 
 
@@ -162,7 +202,8 @@ def _table(stack: ParticleStack, files: list[str], index: np.ndarray) -> np.ndar
     width = max(len(f.encode("utf-8")) for f in files)
     fields = [("uid", "<u8"), ("blob/path", f"S{width}"), ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)),
               ("blob/psize_A", "<f4"), ("alignments3D/split", "<u4"), ("alignments3D/pose", "<f4", (3,)),
-              ("alignments3D/shift", "<f4", (2,)), ("alignments3D/psize_A", "<f4"), ("alignments3D/class", "<u4")]
+              ("alignments3D/shift", "<f4", (2,)), ("alignments3D/psize_A", "<f4"),
+              ("alignments3D/class_posterior", "<f4"), ("alignments3D/class", "<u4")]
     if stack.ctf is not None:
         fields += [(f, "<f4") for f in (*_CTF_FIELDS, "ctf/phase_shift_rad", "ctf/bfactor")]
     t = np.zeros(n, dtype=fields)
@@ -175,6 +216,7 @@ def _table(stack: ParticleStack, files: list[str], index: np.ndarray) -> np.ndar
         t["alignments3D/split"] = np.clip(np.asarray(stack.meta["rlnRandomSubset"], dtype=np.int64) - 1, 0, 1)
     else:
         t["alignments3D/split"] = np.arange(n) % 2
+    t["alignments3D/class_posterior"] = 1.0
     if "rlnClassNumber" in stack.meta:
         t["alignments3D/class"] = np.clip(np.asarray(stack.meta["rlnClassNumber"], dtype=np.int64) - 1, 0, None)
     t["alignments3D/pose"], t["alignments3D/shift"] = cryosparc_from_spider(stack.poses)

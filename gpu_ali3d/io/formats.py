@@ -69,6 +69,24 @@ def write_stack(stack: ParticleStack, path: str | os.PathLike, *, overwrite: boo
         write_cs(stack, path, overwrite=overwrite)
 
 
+def write_poses(stack: ParticleStack, path: str | os.PathLike) -> None:
+    """Write a stack's poses into the file it was read from (``--write-headers``), atomically.
+
+    STAR and .cs files keep everything but the pose columns and the half sets (:func:`star.replace_star_poses`,
+    :func:`cryosparc.replace_cs_poses`): their image paths stay as the user's file gives them. An HDF stack, which
+    holds its images itself, is written again whole.
+    """
+    fmt = stack_format(path)
+    if fmt == "star":
+        from .star import replace_star_poses
+        replace_star_poses(stack, path)
+    elif fmt == "cs":
+        from .cryosparc import replace_cs_poses
+        replace_cs_poses(stack, path)
+    else:
+        write_stack(stack, path, overwrite=True)
+
+
 def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, float | None]:
     """float32 (z, y, x) volume and its voxel size in Angstrom (None when the file does not say)."""
     suffix = Path(path).suffix.lower()

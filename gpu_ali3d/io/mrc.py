@@ -160,9 +160,9 @@ def plan_image_refs(stack: ParticleStack, path: Path, *, kind: str, overwrite: b
     """Where a metadata file written at ``path`` finds the stack's images, for STAR and .cs writers.
 
     Images already in MRC files are referenced; anything else (HDF, memory) goes to a new ``<stem>.mrcs`` beside
-    ``path``. Returns (the new .mrcs path or None, each image's file relative to path's directory (posix), each
-    image's 0-based index in it). kind names the metadata format in messages. Refuses an existing new .mrcs unless
-    overwrite.
+    ``path``. Returns (the new .mrcs path or None, each image's file as :func:`image_path_for_metadata` writes it,
+    each image's 0-based index in it). kind names the metadata format in messages. Refuses an existing new .mrcs
+    unless overwrite.
     """
     refs = mrc_refs(stack.images)
     if refs is None:
@@ -171,10 +171,28 @@ def plan_image_refs(stack: ParticleStack, path: Path, *, kind: str, overwrite: b
             raise ValueError(f"{path}: a {kind} output must not be named .mrcs (the images go to {mrcs_path})")
         if not overwrite and mrcs_path.exists():
             raise FileExistsError(f"{mrcs_path}: output already exists; remove it or choose another name")
-        return mrcs_path, [mrcs_path.name] * len(stack), np.arange(len(stack))
-    here = os.path.abspath(path.parent)
-    rel = {f: Path(os.path.relpath(os.path.abspath(f), here)).as_posix() for f in {f for f, _ in refs}}
+        return mrcs_path, [image_path_for_metadata(mrcs_path)] * len(stack), np.arange(len(stack))
+    rel = {f: image_path_for_metadata(f) for f in {f for f, _ in refs}}
     return None, [rel[f] for f, _ in refs], np.array([i for _, i in refs], dtype=np.int64)
+
+
+def image_path_for_metadata(file: str | os.PathLike) -> str:
+    """An image file's path as STAR and .cs files we write hold it: as RELION resolves ``rlnImageName``.
+
+    RELION (checked with RELION 3.1's relion_reconstruct) reads a relative image path relative to the current
+    directory, the RELION project folder, not to the STAR file's folder. So a file inside the current directory is
+    written relative to it (posix), and ``relion_reconstruct --i out/particles.star``, run where gpu-ali3d ran,
+    finds it; a file outside it is written as an absolute path (a ``../`` path would hold from this folder only).
+    """
+    full = os.path.abspath(file)
+    here = os.path.abspath(os.getcwd())
+    try:
+        rel = os.path.relpath(full, here)
+    except ValueError:  # another drive (Windows)
+        return Path(full).as_posix()
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        return Path(full).as_posix()
+    return Path(rel).as_posix()
 
 
 def write_with_images(path: Path, mrcs_path: Path | None, stack: ParticleStack, write_metadata, *,

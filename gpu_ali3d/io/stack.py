@@ -59,7 +59,8 @@ class ParticleStack:
     apix_A : pixel size in Angstrom (1.0 when the source does not say).
     ctf : CTFParams of the n particles, or None when the source has none.
     image_refs : for each image, where it lives, as ``"index@path"`` with a 1-based index (RELION's form) for
-        every format, MRC stacks and HDF files alike; path as the source gave it (relative to the metadata file).
+        every format, MRC stacks and HDF files alike; path as the source gave it (for STAR files relative to the RELION
+        project folder, or to the STAR file's folder: :func:`io.star.read_star`).
     meta : extra per-particle columns (arrays of length n) kept through conversions, e.g. ``rlnRandomSubset``.
     has_poses : False when the source holds no poses at all (a bare MRC stack: ``poses`` are zeros then).
     ctf_notes : what the reader assumed about the CTF, to be said once where the CTF is used or shown (e.g. RELION's

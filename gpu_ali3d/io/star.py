@@ -20,6 +20,7 @@ contrast); a stack without optics keys gets one group. Only meta keys that start
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ import starfile
 
 from ..ctf import from_relion, to_relion
 from ..geometry import relion_to_spider, spider_to_relion
-from .atomic import refuse_existing
+from .atomic import atomic_path, refuse_existing
 from .mrc import MrcStackImages, mrc_section_count, mrc_voxel_size, plan_image_refs, write_with_images
 from .stack import ParticleStack
 
@@ -73,10 +74,10 @@ def is_star(path: str | os.PathLike) -> bool:
 def read_star(path: str | os.PathLike, *, image_dir: str | os.PathLike | None = None) -> ParticleStack:
     """A RELION particle STAR file (3.0 or 3.1+) -> ParticleStack with lazily read MRC images.
 
-    Image names ``index@stack.mrcs`` (1-based) are found relative to ``image_dir`` when given, else relative to
-    the STAR file's directory, else (RELION's own convention, paths relative to the project directory) relative to
-    the current directory. ``image_refs`` keep the names as written in the file. See the module docstring for
-    what goes into ``meta``.
+    Image names ``index@stack.mrcs`` (1-based) are found relative to ``image_dir`` when given, else as RELION
+    finds them, relative to the current directory (the RELION project folder), else relative to the STAR file's
+    folder; a name that both resolve to different files is an error (:func:`_resolve_files`). ``image_refs`` keep
+    the names as written in the file. See the module docstring for what goes into ``meta``.
     """
     path = Path(path)
     if not path.is_file():
@@ -137,21 +138,76 @@ def write_star(stack: ParticleStack, path: str | os.PathLike, *, version: str = 
                overwrite: bool = False) -> Path:
     """Write a ParticleStack as a RELION STAR file (``version="3.1"``: optics + particles; ``"3.0"``: one table).
 
-    Images read from MRC files are referenced, relative to the new STAR file's directory, not copied; other images
-    (HDF, memory) are written to ``<star stem>.mrcs`` beside the STAR file. All or nothing: on failure neither the
-    STAR file nor a new .mrcs remains. Existing outputs are refused (FileExistsError) unless ``overwrite``.
+    Images read from MRC files are referenced, not copied; other images (HDF, memory) are written to
+    ``<star stem>.mrcs`` beside the STAR file. rlnImageName paths are written as RELION reads them: relative to the
+    current directory (absolute for files outside it; :func:`mrc.image_path_for_metadata`), so RELION run from
+    the folder gpu-ali3d ran in finds the images. All or nothing: on failure neither the STAR file nor a new .mrcs
+    remains. Existing outputs are refused (FileExistsError) unless ``overwrite``. An odd box is written, with an
+    :class:`OddBoxWarning` (one line; the CLI says it once per command).
     """
     if version not in ("3.0", "3.1"):
         raise ValueError(f"version={version!r}: expected '3.1' (optics table) or '3.0' (one table)")
     path = Path(path)
     if not overwrite:
         refuse_existing(path)
+    if stack.box % 2:
+        warnings.warn(OddBoxWarning(odd_box_message(stack.box)), stacklevel=2)
     mrcs_path, files, index = plan_image_refs(stack, path, kind="STAR", overwrite=overwrite)
     names = [f"{i + 1:06d}@{f}" for f, i in zip(files, index)]
     blocks = _tables_31(stack, names) if version == "3.1" else {"": _table_30(stack, names)}
     write_with_images(path, mrcs_path, stack,
                       lambda tmp: starfile.write(blocks, tmp, float_format=_FLOAT_FORMAT), overwrite=overwrite)
     return path
+
+
+def replace_star_poses(stack: ParticleStack, path: str | os.PathLike) -> Path:
+    """Write ``stack``'s poses into the STAR file it was read from (``--write-headers``), everything else as it was.
+
+    Only the angle columns, the origin columns (in the file's own units: rlnOriginX/YAngst in Angstrom, or RELION
+    3.0's rlnOriginX/Y in pixels; a file with neither gets rlnOriginX/YAngst when it has an optics table, else
+    rlnOriginX/Y) and rlnRandomSubset (``stack.meta``'s, the half sets a refinement used) change. rlnImageName, the
+    optics table, the CTF and every other column and block keep the file's values: the image paths stay exactly as
+    the user's file gives them. The file must still hold the particles the stack was read from (as many, with the
+    same rlnImageName in the same order): ValueError otherwise. The new file replaces the old one atomically.
+    """
+    path = Path(path)
+    blocks = starfile.read(path, always_dict=True)
+    tables = {k: v for k, v in blocks.items() if isinstance(v, pd.DataFrame) and "rlnImageName" in v.columns}
+    key = "particles" if "particles" in tables else next(iter(tables), None)
+    if key is None:
+        raise ValueError(f"{path}: no particle table to write the poses into")
+    table = tables[key].copy()
+    names = [str(s) for s in table["rlnImageName"]]
+    if len(table) != len(stack) or (stack.image_refs is not None and names != list(stack.image_refs)):
+        raise ValueError(f"{path}: the file no longer holds the {len(stack)} particles the refinement read from it "
+                         f"({len(table)} rows now, or other rlnImageName values); the refined poses are in the "
+                         "output folder's particles.star")
+    rel = spider_to_relion(stack.poses, stack.apix_A)
+    for c in _ANGLES:
+        table[c] = rel[c]
+    angstrom = all(c in table.columns for c in _ORIGINS_A) or (
+        not all(c in table.columns for c in _ORIGINS_PX) and "optics" in blocks)
+    if angstrom:
+        for c in _ORIGINS_A:
+            table[c] = rel[c]
+    else:
+        table["rlnOriginX"], table["rlnOriginY"] = stack.poses[:, 3].copy(), stack.poses[:, 4].copy()
+    if "rlnRandomSubset" in stack.meta:
+        table["rlnRandomSubset"] = np.asarray(stack.meta["rlnRandomSubset"], dtype=np.int64)
+    blocks = {**blocks, key: table}
+    with atomic_path(path, overwrite=True) as tmp:
+        starfile.write(blocks, tmp, float_format=_FLOAT_FORMAT)
+    return path
+
+
+class OddBoxWarning(UserWarning):
+    """Particles with an odd box written to a RELION file."""
+
+
+def odd_box_message(box: int) -> str:
+    """The one line said when odd-box particles go to a RELION STAR file."""
+    return (f"the particles' box is {box} pixels, an odd size: RELION extracts even boxes only and mishandles odd "
+            "ones (its projections of them are a pixel off); pad or crop them to an even box for RELION")
 
 
 # ------------------------------------------------------------------------------------------------ read helpers
@@ -259,24 +315,39 @@ def _check_image_size(path: Path, cols: dict, images: MrcStackImages) -> None:
 
 
 def _resolve_files(path: Path, files: list[str], image_dir) -> dict[str, Path]:
-    base = Path(image_dir) if image_dir is not None else path.parent
+    """Each image file rlnImageName names -> the file, as RELION finds it, with one fallback.
+
+    RELION reads a relative path relative to the current directory (the RELION project folder), not to the STAR
+    file's folder (checked: RELION 3.1's relion_reconstruct, run from the project folder, reads
+    ``Extract/job005/x.mrcs`` named by ``Refine3D/job010/run_data.star`` and fails on a path relative to the STAR's
+    folder: "Cannot read file ../sim.mrcs"). So a relative path is looked for there first. When it is not there,
+    it is looked for beside the STAR file: STAR files written that way (by gpu-ali3d before it wrote paths as RELION
+    reads them, by other tools, or copied with their stacks) keep working. When both places hold a file and they are
+    different files, which one is meant cannot be told: ValueError naming both. With ``image_dir`` only
+    ``image_dir / path`` is looked at. Found files are returned as absolute paths.
+    """
     out = {}
     for f in files:
         p = Path(f)
         if p.is_absolute():
             candidates = [p]
         elif image_dir is not None:
-            candidates = [base / p]
-        else:
-            candidates = [base / p, p]  # beside the STAR file, then RELION's project-relative convention
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            where = " or ".join(dict.fromkeys(os.path.abspath(c) for c in candidates))
+            candidates = [Path(os.path.abspath(Path(image_dir) / p))]
+        else:  # RELION's convention (the current directory), then the STAR file's folder
+            candidates = list(dict.fromkeys(Path(os.path.abspath(c)) for c in (p, path.parent / p)))
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            where = " or ".join(str(c) for c in candidates)
             raise FileNotFoundError(f"{path}: image stack {f} not found (looked for {where}); image paths in a "
                                     "STAR file are relative to the RELION project folder or to the STAR file's "
                                     "folder: run gpu-ali3d from the project folder, or check that the stacks "
                                     "were copied with the STAR file")
-        out[f] = found
+        if len(found) > 1 and not os.path.samefile(found[0], found[1]):
+            raise ValueError(f"{path}: image stack {f} is ambiguous: both {found[0]} (relative to the current "
+                             f"folder, where RELION looks) and {found[1]} (relative to the STAR file's folder) exist "
+                             "and are different files; run gpu-ali3d from the folder the image paths are relative "
+                             "to (for RELION files the project folder), or remove the stale copy")
+        out[f] = found[0]
     return out
 
 
