@@ -101,8 +101,8 @@ FILE_CASES = [
     (["{d}/sim.star", "{out}", "{d}/no_mask.mrc"], "no_mask.mrc"),
     (["{d}/noctf.star"], "--CTF"),                       # README: --CTF given but the stack has no CTF parameters
     (["{d}/lost_mrcs.star"], "lost.mrcs"),               # README: rlnImageName points at a missing .mrcs
-    (["{d}/dupcol.star"], "dupcol.star"),                # a duplicate STAR column
-    (["{d}/text_defocus.star"], "text_defocus.star"),    # a non-numeric defocus
+    (["{d}/dupcol.star"], "dupcol.star: data_particles has the column rlnDefocusU twice"),   # a duplicate column
+    (["{d}/text_defocus.star"], "text_defocus.star: particle 1: "),    # a non-numeric defocus (column named next)
     (["{d}/sim.star", "{d}/sim.star/out"], "is a file"),  # an output directory under a regular file (ENOTDIR)
 ]
 

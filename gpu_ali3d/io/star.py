@@ -219,6 +219,10 @@ def _particle_table(path: Path, blocks: dict) -> pd.DataFrame:
     table = tables.get("particles", next(iter(tables.values())))
     if len(table) == 0:
         raise ValueError(f"{path}: the particle table is empty")
+    for name, block in blocks.items():
+        if isinstance(block, pd.DataFrame) and block.columns.duplicated().any():
+            twice = block.columns[block.columns.duplicated()][0]
+            raise ValueError(f"{path}: data_{name} has the column {twice} twice; keep one")
     return table
 
 
@@ -420,9 +424,13 @@ def _ctf(path: Path, cols: dict):
     if "rlnAmplitudeContrast" not in cols:
         notes.append(f"{path}: no rlnAmplitudeContrast; using RELION's default amplitude contrast "
                      f"{RELION_DEFAULT_AMPLITUDE_CONTRAST:g} for the CTF")
-    f = lambda c, default=None: np.asarray(cols[c] if c in cols else default, dtype=float)  # noqa: E731
+    n = len(cols["rlnDefocusU"])
+
+    def f(c, default=None):          # a column as float64, text that is no number named by file, column and particle
+        return _numbers(path, cols, c) if c in cols else np.full(n, default, dtype=float)
     try:
-        ctf = from_relion(f("rlnDefocusU"), f("rlnDefocusV", cols["rlnDefocusU"]), f("rlnDefocusAngle", 0.0),
+        ctf = from_relion(f("rlnDefocusU"), f("rlnDefocusV") if "rlnDefocusV" in cols else f("rlnDefocusU"),
+                          f("rlnDefocusAngle", 0.0),
                           f("rlnVoltage"), f("rlnSphericalAberration"),
                           f("rlnAmplitudeContrast", RELION_DEFAULT_AMPLITUDE_CONTRAST), f("rlnCtfBfactor", 0.0))
     except ValueError as exc:
