@@ -259,6 +259,9 @@ def extrapolate(fit: dict, rows: list[dict], box: int, n: int, interpolation: st
     for key, ab in fit.items():
         if isinstance(ab, dict):
             t[key] = max(0.0, ab["a"] + ab["b"] * n)
+    # the host seconds never below the smallest measured: a noisy slope (two timed runs on a shared machine) must
+    # not extrapolate the fixed per-iteration host work to nothing
+    t["host_s"] = max(t["host_s"], min(r["host_s"] for r in rows))
     for key in ("launches", "syncs", "h2d_copies"):
         t[key] += fit[f"align_{key}"] * batches
     t["unscale_voxels"] = float(np.mean([r["unscale_voxels"] for r in rows]))     # per iteration, not per particle

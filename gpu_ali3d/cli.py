@@ -302,8 +302,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        description="Simulate particles from the built-in phantom with CTF and noise, starting 4 "
                        "degrees / 1.5 pixels off their true poses, refine them, and print the error before and after.")
     m.add_argument("outdir", nargs="?", default="gpu-ali3d-demo", help="output directory (must not exist)")
-    m.add_argument("--n", type=int, default=100, help="number of particles")
-    m.add_argument("--box", type=int, default=32, help="box size of the phantom")
+    m.add_argument("--n", type=int, default=300, help="number of particles")
+    m.add_argument("--box", type=int, default=64, help="box size of the phantom")
     m.add_argument("--maxit", type=int, default=3, help="iterations")
     m.add_argument("--seed", type=int, default=0, help="random seed")
     m.add_argument("--debug", action="store_true", help="tracebacks on errors")

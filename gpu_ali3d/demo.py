@@ -12,7 +12,7 @@ from .refine import local_ali3d
 from .simulate import phantom, simulate
 
 
-def run_demo(outdir: str | Path, *, n: int = 100, box: int = 32, snr: float = 10.0, maxit: int = 3, seed: int = 0,
+def run_demo(outdir: str | Path, *, n: int = 300, box: int = 64, snr: float = 10.0, maxit: int = 3, seed: int = 0,
              interpolation: str = "trilinear", progress: bool = True) -> dict[str, dict[str, float]]:
     """Simulate n particles (CTF, white noise at ``snr``, starting poses 4 degrees / 1.5 pixels off), refine them
     into ``outdir/refine`` and return the median pose errors before and after (gauge removed; pixels, degrees)."""

@@ -77,16 +77,19 @@ def test_model_part_on_the_standin(tmp_path):
     assert result["counts"]["align_samples"] > 0 and result["counts"]["insert_contributions"] > 0
 
 
+def _model_row(n, host_s=None):
+    """One measured row of bench_gpu_model's counts at n particles, growing linearly with n."""
+    return dict(box=64, n=n, batches=1, launches=179, syncs=8, h2d_copies=48, h2d_bytes=1000 + 100 * n,
+                d2h_bytes=6e6, library_bytes=1e9 + 1e5 * n, fft2d_bytes=1e4 * n, fft3d_bytes=1e8,
+                insert_contributions=1e5 * n, insert_plane_bytes=1e4 * n, unscale_voxels=128 * 128 * 65,
+                host_s=0.2 + 1e-3 * n if host_s is None else host_s, evaluations=300 * n, align_samples=400,
+                align_launches=1, align_syncs=1, align_h2d_copies=8)
+
+
 def test_gpu_model_fit_and_extrapolation():
     """Two measured rows that grow linearly: the fit returns the line, the per-batch alignment counts are taken
     out and put back for the target's batches, and every part of the prediction is non-negative."""
-    def row(n):
-        return dict(box=64, n=n, batches=1, launches=179, syncs=8, h2d_copies=48, h2d_bytes=1000 + 100 * n,
-                    d2h_bytes=6e6, library_bytes=1e9 + 1e5 * n, fft2d_bytes=1e4 * n, fft3d_bytes=1e8,
-                    insert_contributions=1e5 * n, insert_plane_bytes=1e4 * n, unscale_voxels=128 * 128 * 65,
-                    host_s=0.2 + 1e-3 * n, evaluations=300 * n, align_samples=400, align_launches=1,
-                    align_syncs=1, align_h2d_copies=8)
-    rows = [row(100), row(200)]
+    rows = [_model_row(100), _model_row(200)]
     fit = bench_gpu_model.fit_counts(rows)
     assert fit["h2d_bytes"]["b"] == pytest.approx(100) and fit["h2d_bytes"]["a"] == pytest.approx(1000)
     assert fit["launches"]["b"] == pytest.approx(0, abs=1e-9) and fit["launches"]["a"] == pytest.approx(178)
@@ -98,3 +101,13 @@ def test_gpu_model_fit_and_extrapolation():
     assert all(v >= 0 for v in pred["parts_s"].values())
     assert pred["parts_s"]["host"] == pytest.approx(0.2 + 100.0)
     assert "| 64 | 100,000 | extrapolated |" in bench_gpu_model.table([{**target, "predicted": pred}])
+
+
+def test_gpu_model_never_extrapolates_host_time_below_what_was_measured():
+    """Host seconds that fell between the two timed runs (noise on a shared machine) keep the smaller measured
+    value at the target size, instead of a line that goes through zero."""
+    rows = [_model_row(100, host_s=0.30), _model_row(200, host_s=0.25)]
+    fit = bench_gpu_model.fit_counts(rows)
+    assert fit["host_s"]["b"] < 0
+    target = bench_gpu_model.extrapolate(fit, rows, 64, 100_000, "trilinear", bench_gpu_model.GPUS["h100"])
+    assert target["host_s"] == pytest.approx(0.25)
