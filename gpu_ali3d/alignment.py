@@ -58,20 +58,21 @@ def align_poses(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, backe
     from .gridding import prepare_reference
     from .score import prepare_images
 
-    ref = prepare_reference(volf, pad=2, interpolation=opts.interpolation)
     box = images.shape[-1]
-    kmax = ref.N * alignment_band_limit(cutoff, falloff, box)              # padded-grid units
-    if backend is not None:
-        from .kernels import kernel_reference
-        ref = kernel_reference(backend, ref, kmax=kmax)    # once per reference, cropped to the band; all batches
-                                                            # share the device copy
+    kmax = 2 * box * alignment_band_limit(cutoff, falloff, box)            # padded-grid units (N = 2 M)
+    if backend is None:
+        ref = prepare_reference(volf, pad=2, interpolation=opts.interpolation)
+    else:
+        from .kernels import band_reference
+        # once per reference, made on the device and only for the band; all batches share it
+        ref = band_reference(backend, volf, kmax, pad=2, interpolation=opts.interpolation)
     new = np.empty_like(poses, dtype=np.float64)
     work = np.zeros(2, dtype=np.int64)                      # evaluations, simplex steps
     before = np.empty(len(poses))
     after = np.empty(len(poses))
     size = alignment_batch(len(poses), box, opts.batch,
                            device_free=None if backend is None else backend.free_memory_bytes(),
-                           samples=int(np.pi * (kmax / ref.N * box) ** 2 / 2) + 1)
+                           samples=int(np.pi * (kmax / 2) ** 2 / 2) + 1)
     for start in tqdm(range(0, len(poses), size), desc=label, unit="batch", disable=not progress, leave=False):
         sl = slice(start, min(start + size, len(poses)))
         prep = prepare_images(images[sl], ou, ctf=ctf[sl] if ctf is not None else None,

@@ -349,6 +349,67 @@ def kernel_reference(backend, ref, kmax: float | None = None) -> KernelReference
                            window=xp.asarray(window), extent=extent)
 
 
+def band_reference(backend, volume, kmax: float | None = None, *, pad: int = 2, interpolation: str = "trilinear",
+                   kb_width: int | None = None, kb_alpha: float | None = None) -> KernelReference:
+    """``kernel_reference(backend, gridding.prepare_reference(volume, ...), kmax)`` made on the backend's device
+    and only for the band: the map is deapodised on the host (M^3), zero-padded and transformed on xp, and just the
+    haloed crop |u_a| <= ceil(kmax) is gathered from the unshifted transform (Friedel mates for u_x < 0 and
+    u_x > N/2), so neither the whole centred cube nor its halo is ever made. The same values as the host path (the
+    same transform; the gathers only move them). Arguments as :func:`gpu_ali3d.gridding.prepare_reference` and
+    :func:`kernel_reference`; kb_width / kb_alpha default to gridding's."""
+    import math
+
+    import scipy.fft
+
+    from . import gridding
+
+    kb_width = gridding.KB_WIDTH if kb_width is None else kb_width
+    kb_alpha = gridding.KB_ALPHA if kb_alpha is None else kb_alpha
+    vol = gridding.as_cube(volume)
+    if interpolation not in INTERP_KINDS:
+        raise ValueError(f"interpolation={interpolation!r}; expected one of {tuple(INTERP_KINDS)}")
+    m = vol.shape[0]
+    gridding._check_window(m, pad, kb_width, kb_alpha)
+    taps = kb_width if interpolation == "kb" else 2
+    if taps > MAX_TAPS:
+        raise ValueError(f"the kernels handle at most {MAX_TAPS} taps per axis; got kb_width={taps}")
+    if kmax is not None and not (np.isfinite(kmax) and kmax > 0):
+        raise ValueError(f"kmax={kmax!r} must be a positive frequency in padded-grid units (or None for all)")
+    n, h = pad * m, taps // 2
+    extent = n // 2 if kmax is None else min(n // 2, int(math.ceil(kmax)))
+    if interpolation == "kb":
+        d = gridding.kb_deapodisation(m, pad=pad, kb_width=kb_width, kb_alpha=kb_alpha)
+    else:
+        d = gridding.trilinear_deapodisation(m, pad=pad)
+    xp = backend.xp
+    padded = xp.zeros((n, n, n))
+    padded[:m, :m, :m] = xp.asarray(vol / (d[:, None, None] * d[None, :, None] * d[None, None, :]))
+    padded = xp.roll(padded, (-(m // 2),) * 3, axis=(0, 1, 2))     # the map's centre voxel at index 0
+    spec = scipy.fft.rfftn(padded, workers=-1) if xp is np else xp.fft.rfftn(padded)
+    del padded
+    u = np.arange(-extent - h, extent + h + 1)                         # z and y frequencies of the crop
+
+    def rows(index):                                                   # spec at z, y indices (FFT order) index
+        at = xp.asarray(index % n)
+        return xp.take(xp.take(spec, at, axis=0), at, axis=1)
+
+    direct, mirror = rows(u), xp.conj(rows(-u))                        # F(u_z, u_y, .), conj F(-u_z, -u_y, .)
+    ux = np.arange(-h, extent + h + 1)
+    parts = []
+    for lo, hi, side in ((-h, 0, mirror), (0, n // 2 + 1, direct), (n // 2 + 1, extent + h + 1, mirror)):
+        sel = ux[(ux >= lo) & (ux < hi)]
+        if len(sel):
+            index = sel if side is direct else (-sel) % n               # F(.., -k)^* for k < 0 and k > N/2
+            parts.append(xp.take(side, xp.asarray(index), axis=2))
+    data = xp.ascontiguousarray(xp.concatenate(parts, axis=2).astype(np.complex64))
+    shape = gridding.PreparedReference(data=np.zeros((1, 1, 1), np.complex128), M=m, N=n, pad=int(pad),
+                                       kb_width=int(kb_width), kb_alpha=float(kb_alpha),
+                                       interpolation=interpolation, halo=h)       # the window's parameters
+    window = kb_window_table(shape) if interpolation == "kb" else np.zeros(2, np.float32)
+    return KernelReference(data=data, N=n, halo=h, taps=int(taps), kind=INTERP_KINDS[interpolation],
+                           window=xp.asarray(window), extent=extent)
+
+
 def kb_window_table(ref, size: int = KB_TABLE_SIZE) -> np.ndarray:
     """float32 (size + 1,): the Kaiser-Bessel window of a PreparedReference at d = i * (K / 2) / size, i = 0..size
     (:func:`gpu_ali3d.gridding.kb_weights` in float64), which the kernels interpolate linearly for |d| < K / 2.

@@ -7,7 +7,8 @@ reconstruction's start to the next: the half maps, FSC, reference and the alignm
 (:func:`gpu_ali3d.standin.profile_local_ali3d`). Budgets (DESIGN.md principle 6, issue 15 item 5):
 
 * no mixing of host and device arrays anywhere;
-* syncs per alignment batch <= :data:`SYNCS_PER_BATCH` (measured 2: the checks of the prepared images, the packed results coming back);
+* syncs per alignment batch <= :data:`SYNCS_PER_BATCH` (measured 2: the checks of the prepared images, the packed
+  results coming back);
 * no per-image launches: launches (and syncs) per iteration differ between 60 and 120 particles by at most
   :data:`LAUNCH_SLACK` (measured: equal);
 * the images go up once, before the first iteration, and stay on the device (refine._resident_images): the
@@ -78,8 +79,8 @@ def _image_bytes(n):
 
 
 def _reference_upload(counts) -> int:
-    """Bytes the alignment's reference conversion uploaded (kernels.kernel_reference: the band-limited crop)."""
-    return sum(v for site, v in counts.sites["h2d"].items() if site.endswith(" kernel_reference"))
+    """Bytes the alignment's reference uploaded (kernels.band_reference: the deapodised map; the band is made there)."""
+    return sum(v for site, v in counts.sites["h2d"].items() if site.endswith(" band_reference"))
 
 
 def _fixed_h2d_allowance() -> int:
@@ -159,7 +160,7 @@ print("COUNTS " + json.dumps({{
     "rank": comm.rank, "size": comm.size, "local_rank": comm.local_rank(), "devices_used": prof.devices_used,
     "batches": prof.batches, "mixing": sum(c.mixing_errors for c in [prof.setup, *prof.iterations]),
     "iterations": [c.as_dict() for c in prof.iterations],
-    "reference_h2d": [sum(v for s, v in c.sites["h2d"].items() if s.endswith(" kernel_reference"))
+    "reference_h2d": [sum(v for s, v in c.sites["h2d"].items() if s.endswith(" band_reference"))
                       for c in prof.iterations],
     "alignments": [c.as_dict() for c in prof.alignments],
     "align_kernels": [sum(c.kernels.values()) for c in prof.alignments]}}), flush=True)

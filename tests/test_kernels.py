@@ -164,3 +164,27 @@ def test_score_sums_checks_arguments():
                                kimg.k_reach)
     with pytest.raises(TypeError, match="data must be complex64"):
         kernels.score_sums(backend, kref, bad, p, i)
+
+
+@pytest.mark.parametrize("m, kmax, interpolation", [(16, 5.3, "trilinear"), (16, None, "trilinear"), (15, 7.0, "kb"),
+                                                     (16, 15.5, "kb"), (12, 11.2, "kb")])
+def test_band_reference_is_the_crop_of_the_prepared_reference(backend, m, kmax, interpolation):
+    """The alignment's reference made on the device for the band only holds exactly the values of the host's
+    whole prepared reference cropped by kernel_reference, halo and Friedel mates (u_x < 0, u_x > N/2) included."""
+    from gpu_ali3d.gridding import prepare_reference
+
+    vol = np.random.default_rng(m).standard_normal((m, m, m))
+    whole = kernels.kernel_reference(backend, prepare_reference(vol, pad=2, interpolation=interpolation), kmax=kmax)
+    band = kernels.band_reference(backend, vol, kmax, pad=2, interpolation=interpolation)
+    assert (band.N, band.halo, band.taps, band.kind, band.extent) == (whole.N, whole.halo, whole.taps, whole.kind,
+                                                                      whole.extent)
+    np.testing.assert_array_equal(backend.to_host(band.data), backend.to_host(whole.data))
+    np.testing.assert_array_equal(backend.to_host(band.window), backend.to_host(whole.window))
+
+
+def test_band_reference_on_the_standin_is_the_cpu_one(standin_backend):
+    """The same gathers through the strict stand-in (device arrays only, no host operand): the CPU's values."""
+    vol = np.random.default_rng(3).standard_normal((16, 16, 16))
+    host = kernels.band_reference(make_backend("cpu"), vol, 9.5, pad=2, interpolation="trilinear")
+    dev = kernels.band_reference(standin_backend, vol, 9.5, pad=2, interpolation="trilinear")
+    np.testing.assert_array_equal(standin_backend.to_host(dev.data), host.data)
