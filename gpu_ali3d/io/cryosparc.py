@@ -17,7 +17,7 @@ import numpy as np
 from ..ctf import from_relion
 from ..geometry import cryosparc_from_spider, spider_from_cryosparc
 from .atomic import atomic_path, refuse_existing
-from .mrc import MrcStackImages, mrc_voxel_size, plan_image_refs, write_with_images
+from .mrc import MrcStackImages, find_image_files, mrc_voxel_size, plan_image_refs, write_with_images
 from .stack import ParticleStack
 
 _POSE_FIELDS = ("alignments3D/pose", "alignments3D/shift")
@@ -139,30 +139,16 @@ def _decode(p) -> str:
 
 
 def _resolve_files(path: Path, files: list[str], project_dir) -> dict[str, Path]:
-    out = {}
-    for f in files:
-        p = Path(f)
-        if p.is_absolute():
-            candidates = [p]
-        elif project_dir is not None:
-            candidates = [Path(os.path.abspath(Path(project_dir) / p))]
-        else:
-            candidates = list(dict.fromkeys(Path(os.path.abspath(c))
-                                            for c in (p, path.parent / p, path.parent.parent / p)))
-        found = [c for c in candidates if c.is_file()]
-        if not found:
-            where = " or ".join(str(c) for c in candidates)
-            raise FileNotFoundError(f"{path}: image stack {f} not found (looked for {where}); blob/path is relative "
-                                    "to the cryoSPARC project folder: keep the .cs file in its job folder "
-                                    "(<project>/J<n>/) or beside the stacks' folders, or check that the stacks "
-                                    "were copied with it")
-        other = next((c for c in found[1:] if not os.path.samefile(c, found[0])), None)
-        if other is not None:
-            raise ValueError(f"{path}: image stack {f} is ambiguous: both {found[0]} and {other} exist and are "
-                             "different files; run gpu-ali3d from the folder blob/path is relative to (the "
-                             "cryoSPARC project folder), or remove the stale copy")
-        out[f] = found[0]
-    return out
+    """blob/path names -> files: relative to ``project_dir`` when given, else to the current folder, the .cs
+    file's folder or its parent (a job folder <project>/J<n>/ inside the project)."""
+    bases = [project_dir] if project_dir is not None else [".", path.parent, path.parent.parent]
+    return find_image_files(
+        path, files, bases,
+        not_found_hint="blob/path is relative to the cryoSPARC project folder: keep the .cs file in its job folder "
+                       "(<project>/J<n>/) or beside the stacks' folders, or check that the stacks were copied with "
+                       "it",
+        ambiguous_hint="run gpu-ali3d from the folder blob/path is relative to (the cryoSPARC project folder), or "
+                       "remove the stale copy")
 
 
 def _pixel_size(path: Path, cs: np.ndarray, images: MrcStackImages) -> float:

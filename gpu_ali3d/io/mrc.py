@@ -195,6 +195,31 @@ def image_path_for_metadata(file: str | os.PathLike) -> str:
     return Path(rel).as_posix()
 
 
+def find_image_files(path: Path, files: list[str], bases: Sequence, *, not_found_hint: str,
+                     ambiguous_hint: str) -> dict[str, Path]:
+    """Each image file a metadata file names -> the file, found where its format says to look.
+
+    path : the metadata file (named in the messages). files : the names as written. bases : the folders a relative
+    name is looked for in, in order (an absolute name is itself). The first that holds the file wins; when a later
+    one holds a different file, which is meant cannot be told: ValueError naming both, then ``ambiguous_hint``.
+    None found: FileNotFoundError listing where it looked, then ``not_found_hint``. Returns absolute paths."""
+    out = {}
+    for f in files:
+        p = Path(f)
+        candidates = ([p] if p.is_absolute()
+                      else list(dict.fromkeys(Path(os.path.abspath(Path(b) / p)) for b in bases)))
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            where = " or ".join(str(c) for c in candidates)
+            raise FileNotFoundError(f"{path}: image stack {f} not found (looked for {where}); {not_found_hint}")
+        other = next((c for c in found[1:] if not os.path.samefile(c, found[0])), None)
+        if other is not None:
+            raise ValueError(f"{path}: image stack {f} is ambiguous: both {found[0]} and {other} exist and are "
+                             f"different files; {ambiguous_hint}")
+        out[f] = found[0]
+    return out
+
+
 def write_with_images(path: Path, mrcs_path: Path | None, stack: ParticleStack, write_metadata, *,
                       overwrite: bool) -> None:
     """Write a metadata file (``write_metadata(tmp_path)``) and, when mrcs_path is given, the stack's images

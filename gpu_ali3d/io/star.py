@@ -30,7 +30,8 @@ import starfile
 from ..ctf import from_relion, to_relion
 from ..geometry import relion_to_spider, spider_to_relion
 from .atomic import atomic_path, refuse_existing
-from .mrc import MrcStackImages, mrc_section_count, mrc_voxel_size, plan_image_refs, write_with_images
+from .mrc import (MrcStackImages, find_image_files, mrc_section_count, mrc_voxel_size, plan_image_refs,
+                  write_with_images)
 from .stack import ParticleStack
 
 #: Prefix of the ``stack.meta`` keys that hold the optics table, one value per particle.
@@ -330,29 +331,15 @@ def _resolve_files(path: Path, files: list[str], image_dir) -> dict[str, Path]:
     different files, which one is meant cannot be told: ValueError naming both. With ``image_dir`` only
     ``image_dir / path`` is looked at. Found files are returned as absolute paths.
     """
-    out = {}
-    for f in files:
-        p = Path(f)
-        if p.is_absolute():
-            candidates = [p]
-        elif image_dir is not None:
-            candidates = [Path(os.path.abspath(Path(image_dir) / p))]
-        else:  # RELION's convention (the current directory), then the STAR file's folder
-            candidates = list(dict.fromkeys(Path(os.path.abspath(c)) for c in (p, path.parent / p)))
-        found = [c for c in candidates if c.is_file()]
-        if not found:
-            where = " or ".join(str(c) for c in candidates)
-            raise FileNotFoundError(f"{path}: image stack {f} not found (looked for {where}); image paths in a "
-                                    "STAR file are relative to the RELION project folder or to the STAR file's "
-                                    "folder: run gpu-ali3d from the project folder, or check that the stacks "
-                                    "were copied with the STAR file")
-        if len(found) > 1 and not os.path.samefile(found[0], found[1]):
-            raise ValueError(f"{path}: image stack {f} is ambiguous: both {found[0]} (relative to the current "
-                             f"folder, where RELION looks) and {found[1]} (relative to the STAR file's folder) exist "
-                             "and are different files; run gpu-ali3d from the folder the image paths are relative "
-                             "to (for RELION files the project folder), or remove the stale copy")
-        out[f] = found[0]
-    return out
+    bases = [image_dir] if image_dir is not None else [".", path.parent]   # RELION's convention, then the STAR's
+    return find_image_files(
+        path, files, bases,
+        not_found_hint="image paths in a STAR file are relative to the RELION project folder or to the STAR file's "
+                       "folder: run gpu-ali3d from the project folder, or check that the stacks were copied with the "
+                       "STAR file",
+        ambiguous_hint="the first is relative to the current folder, where RELION looks, the second to the STAR "
+                       "file's folder; run gpu-ali3d from the folder the image paths are relative to (for RELION "
+                       "files the project folder), or remove the stale copy")
 
 
 def _pixel_size(path: Path, cols: dict, images: MrcStackImages) -> float:
