@@ -172,7 +172,7 @@ def machine_info() -> dict:
     return dict(cpu=model, cores=os.cpu_count(), affinity=len(os.sched_getaffinity(0)) if hasattr(
         os, "sched_getaffinity") else None, machine=platform.machine(), system=platform.platform(),
         python=platform.python_version(), numpy=np.__version__, compiler=compiler,
-        cpu_flags=" ".join(kernels.CPU_FLAGS))
+        cpu_flags={name: " ".join(kernels.cpu_flags(name)) for name in kernels.kernel_names()})
 
 
 # ----------------------------------------------------------------------------------------------- helpers

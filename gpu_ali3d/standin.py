@@ -430,9 +430,10 @@ class RawModule:
     def compile(self):
         if self._lib is None:
             with tempfile.TemporaryDirectory(prefix="standin-") as tmp:
-                # the same text, so the same build key and cached library as the CPU backend's build of it
+                # the same text and flags (fused where NVRTC may fuse), so the same build key and cached library
+                # as the CPU backend's build of it
                 (Path(tmp) / "module.cu").write_text(self.code)
-                self._lib = _kernels.cpu_build("module", tmp)
+                self._lib = _kernels.cpu_build("module", tmp, fast="--fmad=true" in self.options)
         return self
 
     def get_function(self, name: str) -> "RawKernel":

@@ -124,7 +124,10 @@ DEVICE cfloat interpolate(const cfloat *data, ref_layout g, int taps, const kb_w
 
 // interpolate<2> for the hat window (trilinear), written out: taps floor(u) and floor(u) + 1 with weights 1 - f and
 // f, f = u - floor(u) rounded to float once (the generic form rounds 1 - |u - j| from double: the same weights
-// to float rounding). Same contraction order (x, then y, then z).
+// to float rounding). Same contraction order (x, then y, then z); each two-tap sum w0 a + f b is one fmadd
+// (rounded once where the target fuses).
+DEVICE float lerp_taps(float w0, float a, float f, float b) { return fmadd(f, b, w0 * a); }
+
 DEVICE cfloat interpolate_trilinear(const cfloat *data, ref_layout g, double ux, double uy, double uz) {
     const bool flip = ux < 0.0;
     if (flip) { ux = -ux; uy = -uy; uz = -uz; }
@@ -133,13 +136,13 @@ DEVICE cfloat interpolate_trilinear(const cfloat *data, ref_layout g, double ux,
     const float wx0 = 1.0f - fx, wy0 = 1.0f - fy, wz0 = 1.0f - fz;
     const cfloat *b = data + g.origin + jz * g.stride_z + jy * g.stride_y + jx;
     const cfloat *r00 = b, *r01 = b + g.stride_y, *r10 = b + g.stride_z, *r11 = b + g.stride_z + g.stride_y;
-    const float x00re = wx0 * r00[0].re + fx * r00[1].re, x00im = wx0 * r00[0].im + fx * r00[1].im;
-    const float x01re = wx0 * r01[0].re + fx * r01[1].re, x01im = wx0 * r01[0].im + fx * r01[1].im;
-    const float x10re = wx0 * r10[0].re + fx * r10[1].re, x10im = wx0 * r10[0].im + fx * r10[1].im;
-    const float x11re = wx0 * r11[0].re + fx * r11[1].re, x11im = wx0 * r11[0].im + fx * r11[1].im;
-    const float y0re = wy0 * x00re + fy * x01re, y0im = wy0 * x00im + fy * x01im;
-    const float y1re = wy0 * x10re + fy * x11re, y1im = wy0 * x10im + fy * x11im;
-    const float re = wz0 * y0re + fz * y1re, im = wz0 * y0im + fz * y1im;
+    const float x00re = lerp_taps(wx0, r00[0].re, fx, r00[1].re), x00im = lerp_taps(wx0, r00[0].im, fx, r00[1].im);
+    const float x01re = lerp_taps(wx0, r01[0].re, fx, r01[1].re), x01im = lerp_taps(wx0, r01[0].im, fx, r01[1].im);
+    const float x10re = lerp_taps(wx0, r10[0].re, fx, r10[1].re), x10im = lerp_taps(wx0, r10[0].im, fx, r10[1].im);
+    const float x11re = lerp_taps(wx0, r11[0].re, fx, r11[1].re), x11im = lerp_taps(wx0, r11[0].im, fx, r11[1].im);
+    const float y0re = lerp_taps(wy0, x00re, fy, x01re), y0im = lerp_taps(wy0, x00im, fy, x01im);
+    const float y1re = lerp_taps(wy0, x10re, fy, x11re), y1im = lerp_taps(wy0, x10im, fy, x11im);
+    const float re = lerp_taps(wz0, y0re, fz, y1re), im = lerp_taps(wz0, y0im, fz, y1im);
     return cmake(re, flip ? -im : im);
 }
 

@@ -40,10 +40,15 @@
 //   sincos_f(x, &s, &c)  float sine and cosine of x (radians); full-precision library versions on both targets.
 //
 //   floor_ll(x), rint_small(x)  floor to an integer and round-half-even of a double, without library calls.
+//   fmadd(a, b, c)   a * b + c (float or double), rounded once where the target has a fused multiply-add (CUDA; a CPU
+//                    build for x86-64-v3, where __FMA__ is defined: gpu_ali3d/kernels.py cpu_flags), else
+//                    rounded twice. Written out where the objective wants one, so every kernel that inlines the
+//                    same helper rounds alike (compiler contraction picks its fusions per call site).
 // Math: use the C functions (floor, sqrt, sin, cos, floorf, sqrtf, ...); on CUDA they are built in, on the CPU this
 // header includes <math.h>. Never pass -use_fast_math: the CPU and GPU must compute the same answer. Fused
 // multiply-add: off (--fmad=false) for every kernel file but the objective's (score.cu, align.cu), whose GPU
-// results are compared with the CPU's at float tolerances, not bitwise (gpu_ali3d/kernels.py nvrtc_options).
+// results are compared with the CPU's at float tolerances, not bitwise (gpu_ali3d/kernels.py nvrtc_options); the
+// host compiler never contracts (-ffp-contract=off), and the objective's fusions are explicit (fmadd).
 #ifndef GPU_ALI3D_PORTABLE_CUH
 #define GPU_ALI3D_PORTABLE_CUH
 
@@ -90,6 +95,8 @@ DEVICE double block_sum(double x) { return _block_sum<double>(x); }
 DEVICE void atomic_add(float *p, float v) { atomicAdd(p, v); }
 DEVICE void atomic_add(double *p, double v) { atomicAdd(p, v); }
 DEVICE void sincos_f(float x, float *s, float *c) { sincosf(x, s, c); }
+DEVICE float fmadd(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+DEVICE double fmadd(double a, double b, double c) { return __fma_rn(a, b, c); }
 
 #else
 // ------------------------------------------------------------------------------------------------ CPU (OpenMP)
@@ -115,6 +122,13 @@ DEVICE void atomic_add(double *p, double v) {
     _Pragma("omp atomic") *p += v;
 }
 DEVICE void sincos_f(float x, float *s, float *c) { *s = sinf(x); *c = cosf(x); }
+#if defined(__FMA__)
+DEVICE float fmadd(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+DEVICE double fmadd(double a, double b, double c) { return __builtin_fma(a, b, c); }
+#else
+DEVICE float fmadd(float a, float b, float c) { return a * b + c; }
+DEVICE double fmadd(double a, double b, double c) { return a * b + c; }
+#endif
 #endif
 
 // ------------------------------------------------------------------------------------------------ complex numbers

@@ -55,6 +55,11 @@ DEVICE score_problem make_score_problem(const cfloat *ref, int n, int halo, int 
     return sp;
 }
 
+// cmul with each of its two sums of products one fmadd (rounded once where the target fuses).
+DEVICE cfloat cmul_fused(cfloat a, cfloat b) {
+    return cmake(fmadd(a.re, b.re, -(a.im * b.im)), fmadd(a.re, b.im, a.im * b.re));
+}
+
 // The two sums of one (image, pose) pair, reduced over the block and returned to EVERY thread (it calls
 // block_sum twice: every thread of the block must call it, the same number of times):
 //   *xy = sum_s w Re(conj(X) P),  *pp = sum_s w |P|^2,  P = F(R^T k) * exp(2 pi i (kx sx + ky sy) / N) * ctf.
@@ -65,7 +70,9 @@ DEVICE score_problem make_score_problem(const cfloat *ref, int n, int halo, int 
 // cfloat. Both are rewritten here (rot by the leader, phase by all threads) and read by all after one barrier;
 // block_sum's barriers keep the block's next call from rewriting them before every thread has read them.
 // The rotation is computed once per pair, by the leader, from the angles in float64; interpolation and products
-// in float32, the sums accumulated in float64 per thread (score_acc_t). The shift phase of a sample is the product
+// in float32, the sums accumulated in float64 per thread (score_acc_t); the rotated coordinates (float64), the
+// interpolation's two-tap sums and the complex products use explicit fmadd (portable.cuh), so score.cu and align.cu
+// round alike on each target. The shift phase of a sample is the product
 // of two per-axis factors (gridding.cuh axis_phase), tabulated once per pair for kx in [0, K] and ky in [-K, K]:
 // 3 K + 2 sines and cosines per pair instead of one per sample.
 template <int KIND>
@@ -88,17 +95,17 @@ DEVICE void score_pair(const score_problem *sp, const double *q, long long img, 
         const double kx = freqs[2 * s], ky = freqs[2 * s + 1];
         cfloat v = cmake(0.0f, 0.0f);
         if (kx * kx + ky * ky <= sp->reach2) {
-            const double ux = r0 * kx + r3 * ky;         // u = R^T (kx, ky, 0)
-            const double uy = r1 * kx + r4 * ky;
-            const double uz = r2 * kx + r5 * ky;
-            const cfloat ph = cmul(phase[(int)kx], phase[2 * kt + 1 + (int)ky]);
-            v = cmul(interpolate_kind<KIND>(sp->ref, sp->g, sp->taps, &sp->w, ux, uy, uz), ph);
+            const double ux = fmadd(r0, kx, r3 * ky);    // u = R^T (kx, ky, 0)
+            const double uy = fmadd(r1, kx, r4 * ky);
+            const double uz = fmadd(r2, kx, r5 * ky);
+            const cfloat ph = cmul_fused(phase[(int)kx], phase[2 * kt + 1 + (int)ky]);
+            v = cmul_fused(interpolate_kind<KIND>(sp->ref, sp->g, sp->taps, &sp->w, ux, uy, uz), ph);
             if (sp->has_ctf) v = cscale(v, c[s]);
         }
         const cfloat xs = x[s];
         const float ws = weights[s];
-        xy += (score_acc_t)(ws * (xs.re * v.re + xs.im * v.im));
-        pp += (score_acc_t)(ws * cabs2(v));
+        xy += (score_acc_t)(ws * fmadd(xs.re, v.re, xs.im * v.im));
+        pp += (score_acc_t)(ws * fmadd(v.re, v.re, v.im * v.im));
     }
     *xy_out = block_sum(xy);      // its barriers also keep the next pair from rewriting phase[] too early
     *pp_out = block_sum(pp);

@@ -188,3 +188,47 @@ def test_band_reference_on_the_standin_is_the_cpu_one(standin_backend):
     host = kernels.band_reference(make_backend("cpu"), vol, 9.5, pad=2, interpolation="trilinear")
     dev = kernels.band_reference(standin_backend, vol, 9.5, pad=2, interpolation="trilinear")
     np.testing.assert_array_equal(standin_backend.to_host(dev.data), host.data)
+
+
+def test_cpu_flags_fuse_only_the_objective(monkeypatch):
+    """The objective's kernels (score.cu, align.cu) are built for x86-64-v3 where the host runs it, so their explicit
+    fmadd fuse; the insertion keeps the baseline build (the GPU's --fmad=false rounding). Every build keeps the
+    compiler from contracting on its own. $GPU_ALI3D_CPU_BASELINE builds every kernel for the baseline."""
+    for name in kernels.kernel_names():
+        assert "-ffp-contract=off" in kernels.cpu_flags(name)
+        fast = name in kernels.FAST_MODULES and kernels.cpu_has_fma()
+        assert ("-march=x86-64-v3" in kernels.cpu_flags(name)) == fast, name
+    assert "insert" not in kernels.FAST_MODULES
+    monkeypatch.setenv("GPU_ALI3D_CPU_BASELINE", "1")
+    kernels.cpu_has_fma.cache_clear()
+    try:
+        assert all(kernels.cpu_flags(name) == kernels.CPU_FLAGS for name in kernels.kernel_names())
+    finally:
+        monkeypatch.delenv("GPU_ALI3D_CPU_BASELINE")
+        kernels.cpu_has_fma.cache_clear()
+
+
+def test_fused_and_baseline_builds_score_alike(monkeypatch):
+    """score.cu built with fused multiply-adds (x86-64-v3) and for baseline x86-64 give the same scores to float
+    tolerance, and each matches the numpy reference (the parity tests run whichever build this host gets)."""
+    if not kernels.cpu_has_fma():
+        pytest.skip("this host does not run x86-64-v3 code: only the baseline build exists here")
+    rng = np.random.default_rng(5)
+    ref, prep, poses, idx = _problem(rng, 32, 4, 200, interpolation="trilinear")
+    want = score.score(ref, prep, poses, image_index=idx, path="reference")
+    got = {}
+    for baseline in (False, True):
+        if baseline:
+            monkeypatch.setenv("GPU_ALI3D_CPU_BASELINE", "1")
+        kernels.cpu_has_fma.cache_clear()
+        kernels._cpu_function.cache_clear()
+        try:
+            got[baseline] = _run(make_backend("cpu"), ref, prep, poses, idx)[0]
+        finally:
+            monkeypatch.delenv("GPU_ALI3D_CPU_BASELINE", raising=False)
+            kernels.cpu_has_fma.cache_clear()
+            kernels._cpu_function.cache_clear()
+    for s in got.values():
+        np.testing.assert_allclose(s, want, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(got[False], got[True], rtol=RTOL, atol=ATOL)
+    assert not np.array_equal(got[False], got[True]), "the fused build rounds as the baseline: no fma was used"
