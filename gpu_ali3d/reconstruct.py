@@ -398,21 +398,28 @@ def insert_sums(backend, transforms, weights, mates, samples, data, wsum, *, det
 
 def add(acc_a: FourierAccumulator, acc_b: FourierAccumulator) -> FourierAccumulator:
     """A new accumulator holding the sum of two (half sets, MPI ranks). They must share M, npad, sym and snr."""
+    _check_addable(acc_a, acc_b)
+    return FourierAccumulator(acc_a.data + acc_b.data, acc_a.weights + acc_b.weights, acc_a.M, acc_a.npad,
+                              acc_a.sym, acc_a.snr, acc_a.ctf if acc_a.ctf is not None else acc_b.ctf,
+                              acc_a.n_images + acc_b.n_images, acc_a.insertion)
+
+
+def _check_addable(acc_a: FourierAccumulator, acc_b: FourierAccumulator) -> None:
+    """ValueError unless the two accumulators can be summed (:func:`add`)."""
     for name in ("M", "npad", "sym", "snr", "insertion"):
         if getattr(acc_a, name) != getattr(acc_b, name):
             raise ValueError(f"cannot add accumulators with different {name}: "
                              f"{getattr(acc_a, name)!r} and {getattr(acc_b, name)!r}")
     if None not in (acc_a.ctf, acc_b.ctf) and acc_a.ctf != acc_b.ctf:
         raise ValueError("cannot add an accumulator of CTF-weighted images to one without CTF")
-    return FourierAccumulator(acc_a.data + acc_b.data, acc_a.weights + acc_b.weights, acc_a.M, acc_a.npad,
-                              acc_a.sym, acc_a.snr, acc_a.ctf if acc_a.ctf is not None else acc_b.ctf,
-                              acc_a.n_images + acc_b.n_images, acc_a.insertion)
 
 
-def finish(acc: FourierAccumulator, *, weighting: bool | None = None,
+def finish(acc: FourierAccumulator, *, plus: FourierAccumulator | None = None, weighting: bool | None = None,
            regularisation: np.ndarray | None = None, backend=None) -> np.ndarray:
     """The real-space map from an accumulator (module docstring, finish steps 1-5); ``acc`` is not changed.
 
+    plus : a second accumulator: the map of their sum, ``finish(add(acc, plus))`` (the full map from the half sets).
+        With a backend, steps 1-2 read both grids in one pass of kernels/finish.cu and the sum is never formed.
     weighting : nn4_ctf's neighbour-count correction; None (default) does as SPARX: on for CTF-weighted data
         inserted by nearest neighbour (nn4_ctf), off otherwise (nn4, and trilinear insertion).
     regularisation : None adds SPARX's constant 1 / snr to the weights (``acc.snr``; for trilinear insertion
@@ -429,28 +436,33 @@ def finish(acc: FourierAccumulator, *, weighting: bool | None = None,
     Returns float64 (M, M, M) numpy array, numpy order (z, y, x), centre voxel M // 2, zero outside radius M // 2.
     """
     trilinear = acc.insertion == "trilinear"
+    if plus is not None:
+        _check_addable(acc, plus)
     if weighting is None:
-        weighting = bool(acc.ctf) and not trilinear
+        weighting = bool(acc.ctf if plus is None or plus.ctf is None else plus.ctf) and not trilinear
+    if plus is not None and (weighting or backend is None):     # the reference: form the sum
+        acc, plus = add(acc, plus), None
     xp = np if backend is None else backend.xp
     if weighting and xp is not np:        # the neighbour-count correction is written for the host (scipy.ndimage)
         host = FourierAccumulator(backend.to_host(acc.data), backend.to_host(acc.weights), acc.M, acc.npad, acc.sym,
                                   acc.snr, acc.ctf, acc.n_images, acc.insertion)
         return finish(host, weighting=weighting, regularisation=regularisation)
     n_p, m = acc.Np, acc.M
-    if regularisation is None:
-        osnr = 0.0 if acc.snr is None else 1.0 / acc.snr / (acc.npad ** 2 if trilinear else 1)
-    else:
-        osnr = xp.asarray(np.asarray(regularisation, np.float64))[_voxel_shells(n_p, xp)]
+    const = 0.0 if acc.snr is None else 1.0 / acc.snr / (acc.npad ** 2 if trilinear else 1)
     if weighting:                            # nn4_ctf: its neighbour count reads the whole symmetrised grid
+        osnr = const if regularisation is None else np.asarray(regularisation, np.float64)[_voxel_shells(n_p)]
         data, weights = acc.data.copy(), acc.weights.copy()
         _symplane0(data, weights, xp)
         filled = weights > 0
         scale = xp.where(filled, 1.0 / xp.where(filled, weights + osnr, 1.0), 1.0)
         scale *= np.where(filled, _neighbour_weights(weights), 1.0)
         data *= scale
+    elif backend is not None:
+        data = _normalise_kernel(acc, plus, const, regularisation, backend)
     else:
+        osnr = const if regularisation is None else np.asarray(regularisation, np.float64)[_voxel_shells(n_p)]
         # Only the kx = 0 plane changes in symplane0: symmetrise copies of it, not of the grids. Voxels with weight
-        # 0 are left as they are (they hold 0): 1 / where(w > 0, w + 1/snr, 1), not a boolean index (no device sync)
+        # 0 are left as they are (they hold 0): 1 / where(w > 0, w + 1/snr, 1), not a boolean index
         data0, weights0 = acc.data[:, :, :1].copy(), acc.weights[:, :, :1].copy()
         _symplane0(data0, weights0, xp)
         osnr0 = osnr if np.ndim(osnr) == 0 else osnr[:, :, :1]
@@ -466,6 +478,35 @@ def finish(acc: FourierAccumulator, *, weighting: bool | None = None,
     else:
         vol = _circumfnn(vol, acc.npad, xp=xp)
     return vol if xp is np else backend.to_host(vol)
+
+
+def _normalise_kernel(acc: FourierAccumulator, plus: FourierAccumulator | None, const: float,
+                      regularisation: np.ndarray | None, backend):
+    """Finish steps 1-2 of ``acc`` (+ ``plus``) on the backend's device: kernels/finish.cu divides every voxel by its
+    weight plus the Wiener term (``const``, or ``regularisation`` per shell) in one pass, then the kx = 0 plane is
+    redone from symmetrised copies of it, as the reference does. Returns complex128 (Np, Np, Np // 2 + 1) xp array,
+    bitwise the reference's (kernels/finish.cu)."""
+    xp, n_p = backend.xp, acc.Np
+    half = n_p // 2 + 1
+    parts = [acc] if plus is None else [acc, plus]
+    for a in parts:
+        _check_array("data", a.data, np.complex128, (n_p, n_p, half), xp)
+        _check_array("weights", a.weights, np.float64, (n_p, n_p, half), xp)
+    other = parts[-1]
+    per_shell = regularisation is not None
+    lam = xp.asarray(np.asarray(regularisation if per_shell else [0.0], np.float64))
+    out = xp.empty((n_p, n_p, half), np.complex128)
+    backend.kernels.launch("finish", "finish", n_p * n_p, [
+        acc.data, acc.weights, other.data, other.weights, np.int32(plus is not None), np.int32(n_p),
+        np.float64(const), lam, np.int32(per_shell), out])
+    if plus is None:
+        data0, weights0 = acc.data[:, :, :1].copy(), acc.weights[:, :, :1].copy()
+    else:                                      # the plane of add(acc, plus)
+        data0, weights0 = acc.data[:, :, :1] + plus.data[:, :, :1], acc.weights[:, :, :1] + plus.weights[:, :, :1]
+    _symplane0(data0, weights0, xp)
+    lam0 = lam[_voxel_shells(n_p, xp, x_count=1)] if per_shell else const
+    out[:, :, :1] = data0 / xp.where(weights0 > 0, weights0 + lam0, 1.0)
+    return out
 
 
 def wiener_regularisation(acc_a: FourierAccumulator, acc_b: FourierAccumulator, *,
@@ -824,11 +865,12 @@ def _inverse_centre_window(data, n_p: int, m: int, xp=np):
     return window(part, 2).astype(np.float64, copy=False)
 
 
-def _voxel_shells(n_p: int, xp=np):
+def _voxel_shells(n_p: int, xp=np, x_count: int | None = None):
     """floor(|i|) of every voxel of the (Np, Np, Np // 2 + 1) half grid (signed FFT-order coordinates): int64 xp
-    array, made where it is used (on a GPU nothing of the grid's size is uploaded)."""
+    array, made where it is used (on a GPU nothing of the grid's size is uploaded). x_count : only the first
+    x_count planes kx = 0, 1, ... (shape (Np, Np, x_count))."""
     f = xp.asarray(np.fft.fftfreq(n_p, d=1.0 / n_p).astype(np.int64))
-    x = xp.asarray(np.arange(n_p // 2 + 1, dtype=np.int64))
+    x = xp.asarray(np.arange(n_p // 2 + 1 if x_count is None else x_count, dtype=np.int64))
     r2 = f[:, None, None] ** 2 + f[None, :, None] ** 2 + x[None, None, :] ** 2
     r = xp.floor(xp.sqrt(r2.astype(np.float64))).astype(np.int64)
     r -= (r * r > r2).astype(np.int64)

@@ -646,7 +646,7 @@ def _reference(images, poses, half, ctf, apix, mask, opts, user_function, backen
     fixed order), which finishes, filters and writes, and every rank gets the same (volf, curve, tanh fit).
     final: the last reconstruction of the run; its maps are also written as map.mrc and map_filtered.mrc.
     scratch: the insertion's zeroed fixed-point grid (reconstruct.new_scratch) to reuse, or None."""
-    from .reconstruct import accumulate_halves, add, finish, insert_chunk, wiener_regularisation
+    from .reconstruct import accumulate_halves, finish, insert_chunk, wiener_regularisation
     from .resolution import fit_tanh, fsc_mask, fsc_text
     from .user_functions import call_user_function
 
@@ -668,7 +668,7 @@ def _reference(images, poses, half, ctf, apix, mask, opts, user_function, backen
         lam = None if opts.snr is not None else wiener_regularisation(accs[0], accs[1], backend=where)
         even = finish(accs[0], regularisation=lam, backend=where)
         odd = finish(accs[1], regularisation=lam, backend=where)
-        full = finish(add(accs[0], accs[1]), regularisation=lam, backend=where)
+        full = finish(accs[0], plus=accs[1], regularisation=lam, backend=where)
         curve = fsc_mask(even, odd, mask)
         tag = f"{iteration:03d}_{ic:03d}"
         with atomic_path(outdir / f"resolution{tag}", overwrite=True) as tmp:

@@ -266,3 +266,69 @@ def test_inverse_centre_window_equals_the_window_of_the_full_inverse(m, npad):
     got = _inverse_centre_window(data, n_p, m)
     assert got.shape == (m, m, m) and got.dtype == np.float64
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+
+
+def _half_accumulators(rng, insertion, ctf):
+    """Two half-set host accumulators of a phantom's projections (M = 32, 40 images each, optionally with CTF)."""
+    vol = phantom(M)
+    poses = _uniform_poses(rng, 80)
+    images = project(vol, poses, oversampling_eps=EPS)
+    params = None
+    if ctf:
+        params = ctf_module.CTFParams(defocus_u_A=rng.uniform(8000, 20000, 80), defocus_v_A=rng.uniform(8000, 20000, 80),
+                                      astig_angle_deg=rng.uniform(0, 180, 80), voltage_kV=300.0, cs_mm=2.7,
+                                      amp_contrast=0.1, bfactor_A2=0.0)
+    accs = []
+    for half in (slice(0, 40), slice(40, 80)):
+        acc = new_accumulator(M, insertion=insertion)
+        insert(acc, images[half], poses[half], ctf=None if params is None else params[np.arange(80)[half]],
+               apix_A=APIX_A)
+        accs.append(acc)
+    return accs
+
+
+def _on(backend, acc):
+    """A copy of a host accumulator on the backend's device."""
+    xp = backend.xp
+    return type(acc)(xp.asarray(acc.data), xp.asarray(acc.weights), acc.M, acc.npad, acc.sym, acc.snr, acc.ctf,
+                     acc.n_images, acc.insertion)
+
+
+@pytest.mark.parametrize("insertion, ctf", [("trilinear", True), ("trilinear", False), ("nn4", False),
+                                            ("nn4", True)])
+def test_finish_on_a_backend_is_the_reference_bit_for_bit(backend, rng, insertion, ctf):
+    """finish on a backend (kernels/finish.cu for steps 1-2, the sum of two accumulators read in the same pass) gives
+    the numpy reference's map bit for bit: one accumulator, the sum of the half sets (plus=), SPARX's constant and
+    per-shell terms. nn4 with CTF (nn4_ctf's neighbour weighting) goes through the host and must agree too."""
+    a, b = _half_accumulators(rng, insertion, ctf)
+    lam = np.linspace(0.05, 2.0, 60)
+    da, db = _on(backend, a), _on(backend, b)
+    for kw in ({}, {"regularisation": lam}):
+        for plus in (None, b):
+            want = finish(a if plus is None else add(a, b), **kw)
+            got = finish(da, plus=None if plus is None else db, backend=backend, **kw)
+            assert isinstance(got, np.ndarray)
+            np.testing.assert_array_equal(got, want)
+            assert np.abs(want).max() > 0
+    np.testing.assert_array_equal(finish(a, plus=b), finish(add(a, b)))
+
+
+def test_finish_of_a_sum_on_the_standin_launches_the_finish_kernel_once(standin_backend, rng):
+    """On the GPU host path the full map's finish reads both half grids in one launch of kernels/finish.cu, and
+    only the M^3 map comes back; the result is the host's bit for bit."""
+    a, b = _half_accumulators(rng, "trilinear", True)
+    xp = standin_backend.xp
+    da, db = _on(standin_backend, a), _on(standin_backend, b)
+    before = xp.counts.snapshot()
+    got = finish(da, plus=db, backend=standin_backend)
+    spent = xp.counts - before
+    np.testing.assert_array_equal(got, finish(add(a, b)))
+    assert spent.kernels.get("finish") == 1
+    assert spent.d2h_bytes == got.nbytes
+    assert xp.counts.mixing_errors == 0
+
+
+def test_finish_refuses_a_plus_that_does_not_add(rng):
+    a = new_accumulator(M, insertion="trilinear")
+    with pytest.raises(ValueError, match="different insertion"):
+        finish(a, plus=new_accumulator(M, insertion="nn4"))
