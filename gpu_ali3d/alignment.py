@@ -15,6 +15,8 @@ poses), and align_poses' two paths to each other on the RELION-simulated particl
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .geometry import euler_from_matrix, rotation_matrix
@@ -33,7 +35,8 @@ BAND_LEVEL = 0.1
 POSE_DIM = 5
 
 
-def align_poses(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, backend, progress, label):
+def align_poses(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, backend, progress, label, *,
+                full_band: "FullBandImages | None" = None, rows: np.ndarray | None = None):
     """Refine the poses of some images against one reference by SPARX's amoeba over (phi, theta, psi, sx, sy).
 
     images : real (n, M, M), a host array or one of the backend's device (where a GPU run keeps them). poses : float64 (n, 5) host array, the start poses (degrees, pixels;
@@ -52,6 +55,11 @@ def align_poses(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, backe
     kmax in padded-grid units, int64 [objective evaluations, simplex steps] summed over the images). Evaluations:
     the kernel's own count (the 6 initial vertices included); the reference path also counts the separate
     evaluation of the start.
+
+    full_band, rows : with a backend, the images already prepared at every frequency (:func:`prepare_full_band`,
+        kept by refine for the run) and which of its images these are (int array; None: all, in order); each batch
+        then takes its samples within the band from there instead of preparing ``images`` again (the same
+        KernelImages bit for bit, so the same poses). ``images`` is then only read for its box.
     """
     from tqdm import tqdm
 
@@ -73,17 +81,107 @@ def align_poses(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, backe
     size = alignment_batch(len(poses), box, opts.batch,
                            device_free=None if backend is None else backend.free_memory_bytes(),
                            samples=int(np.pi * (kmax / 2) ** 2 / 2) + 1)
+    if full_band is not None:
+        rows = np.arange(len(full_band)) if rows is None else np.asarray(rows, dtype=np.int64)
+        if backend is None or len(rows) != len(poses):
+            raise ValueError(f"full_band needs a backend and one row per pose ({len(rows)} rows, {len(poses)} poses)")
     for start in tqdm(range(0, len(poses), size), desc=label, unit="batch", disable=not progress, leave=False):
         sl = slice(start, min(start + size, len(poses)))
-        prep = prepare_images(images[sl], ou, ctf=ctf[sl] if ctf is not None else None,
-                              apix_A=apix, kmax=kmax, image_pad=IMAGE_PAD, xp=np if backend is None else backend.xp)
-        if backend is None:
-            best, fbest, f0, evals, steps = _align_reference(ref, prep, poses[sl], opts)
+        if full_band is not None:
+            best, fbest, f0, evals, steps = _align_fused(backend, ref, full_band.band(backend, kmax, rows[sl]),
+                                                         poses[sl], opts)
         else:
-            best, fbest, f0, evals, steps = _align_fused(backend, ref, prep, poses[sl], opts)
+            prep = prepare_images(images[sl], ou, ctf=ctf[sl] if ctf is not None else None, apix_A=apix,
+                                  kmax=kmax, image_pad=IMAGE_PAD, xp=np if backend is None else backend.xp)
+            if backend is None:
+                best, fbest, f0, evals, steps = _align_reference(ref, prep, poses[sl], opts)
+            else:
+                best, fbest, f0, evals, steps = _align_fused(backend, ref, prep, poses[sl], opts)
         work += (evals, steps)
         new[sl], before[sl], after[sl] = normalise_poses(best), f0, fbest
     return new, before, after, kmax, work
+
+
+@dataclass(frozen=True)
+class FullBandImages:
+    """A rank's images prepared for the fused alignment once, at every frequency up to Nyquist, on the backend's
+    device (:func:`prepare_full_band`): the part of an iteration's image preparation that no reference changes
+    (masking, normalisation, FFT, CTF), kept for the run by refine where it fits (:func:`full_band_bytes`).
+    Each iteration takes the samples within its band limit (:meth:`band`).
+
+    freqs : float64 (S, 2) and weights : float64 (S,) host arrays, every sample of score.prepare_images with
+    0 < |k| <= N / 2, in its order. data : complex64 (n, S), ctf : float32 (n, S) or None, sample_power : float64
+    (n, S) |X|^2 of the float64 transform, all backend arrays. N : padded box (pad 2).
+    """
+
+    freqs: np.ndarray
+    weights: np.ndarray
+    data: object
+    ctf: object
+    sample_power: object
+    M: int
+    N: int
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def band(self, backend, kmax: float, rows) -> "KernelImages":
+        """The KernelImages of images ``rows`` (host int array) with the samples 0 < |k| <= kmax (padded-grid
+        units): bit for bit ``kernel_images(prepare_images(those images, ..., kmax=kmax))``, as the same samples
+        are taken in the same order (score.prepare_images keeps r2 <= kmax^2 of the same frequencies) and the
+        power is summed over the same values."""
+        from .kernels import kernel_images
+        from .score import PreparedImages
+
+        xp = backend.xp
+        r2 = self.freqs[:, 0] ** 2 + self.freqs[:, 1] ** 2
+        cols = np.flatnonzero(r2 <= float(kmax) ** 2)
+        rows_d, cols_d = xp.asarray(np.asarray(rows, dtype=np.int64)), xp.asarray(cols)
+
+        def take(a):
+            return None if a is None else xp.take(xp.take(a, rows_d, axis=0), cols_d, axis=1)
+
+        weights = self.weights[cols]
+        power = xp.einsum("s,ns->n", xp.asarray(weights), take(self.sample_power))
+        prep = PreparedImages(freqs=self.freqs[cols], weights=weights, data=take(self.data), ctf=take(self.ctf),
+                              power=power, M=self.M, N=self.N, pad=self.N // self.M, image_pad=IMAGE_PAD, ou=0.0,
+                              kmax=float(kmax), apix_A=0.0)
+        return kernel_images(backend, prep)
+
+
+def prepare_full_band(images, ctf, apix: float, ou: float, backend, *, batch: int = 0) -> FullBandImages:
+    """:class:`FullBandImages` of ``images`` (real (n, M, M), host or the backend's device) with their CTF
+    (CTFParams of n or None), as score.prepare_images makes them for the alignment (pad 2, :data:`IMAGE_PAD`,
+    kmax N / 2), ``batch`` images at a time (0: :func:`alignment_batch`'s host budget)."""
+    from .score import prepare_images
+
+    xp = backend.xp
+    n, box = len(images), images.shape[-1]
+    size = alignment_batch(n, box, batch)
+    parts = []
+    for start in range(0, n, size):
+        sl = slice(start, min(start + size, n))
+        prep = prepare_images(images[sl], ou, ctf=ctf[sl] if ctf is not None else None, apix_A=apix,
+                              kmax=None, image_pad=IMAGE_PAD, xp=xp)
+        parts.append((prep.data.astype(np.complex64), None if prep.ctf is None else prep.ctf.astype(np.float32),
+                      xp.abs(prep.data) ** 2))
+        freqs, weights, n_pad = prep.freqs, prep.weights, prep.N
+        del prep
+    if not parts:
+        raise ValueError("prepare_full_band needs at least one image")
+
+    def join(i):
+        return None if parts[0][i] is None else (parts[0][i] if len(parts) == 1
+                                                 else xp.concatenate([p[i] for p in parts]))
+
+    return FullBandImages(freqs=freqs, weights=weights, data=join(0), ctf=join(1), sample_power=join(2), M=box,
+                          N=n_pad)
+
+
+def full_band_bytes(n: int, box: int) -> int:
+    """Bytes of :func:`prepare_full_band` for n images: complex64 data, float32 CTF and float64 power per sample
+    (20 B), about pi box^2 / 8 samples per image (the half plane within Nyquist)."""
+    return 20 * int(np.pi * box * box / 8 + box) * n
 
 
 def align_kernel(backend, kref, kimg, x0, scales, *, ftol: float, xtol: float, itmax: int,
@@ -141,6 +239,7 @@ def normalise_poses(poses: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- helpers
 def _align_fused(backend, kref, prep, poses, opts):
     """One batch through kernels/align.cu; host arrays (best, fbest, f0, evaluations, steps) come back.
+    prep : PreparedImages, or KernelImages already in the kernel's form (:meth:`FullBandImages.band`).
 
     What a GPU pays per batch (tests/test_gpu_budget.py): the images were prepared on the device (their checks: one
     sync), so :func:`kernel_images` converts there and uploads only the shared sample frequencies and weights; one
@@ -149,8 +248,10 @@ def _align_fused(backend, kref, prep, poses, opts):
     from .kernels import kernel_images
     from .simplex import SPARX_SERIAL, local_ali3d_scales
 
+    from .kernels import KernelImages
+
     xp = backend.xp
-    kimg = kernel_images(backend, prep)
+    kimg = prep if isinstance(prep, KernelImages) else kernel_images(backend, prep)
     x0 = np.ascontiguousarray(poses, dtype=np.float64)
     scales = local_ali3d_scales(x0[:, 1], opts.delta, opts.ts)       # finite and nonzero: it checks delta and ts
     start = xp.asarray(np.stack([x0, scales]))              # (2, n, 5): one copy; [0] and [1] are C-contiguous

@@ -559,6 +559,7 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
     # the insertion's fixed-point grid, kept over the iterations (insert_unscale leaves it zeroed)
     scratch = None if backend is None else new_scratch(backend, opts.npad * box)
     poses = state.poses
+    full_band = None            # the images prepared for the alignment once (_full_band), made at its first use
     chunks = _chunks(n, opts.chunk)
     for iteration in range(state.next_iteration, opts.maxit + 1):
         last = iteration == opts.maxit
@@ -580,10 +581,14 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
                 old = poses[members].copy()
                 mine = members[(members >= lo) & (members < hi)]          # this rank's part of the chunk
                 t1 = time.perf_counter()
+                if full_band is None:
+                    full_band = _full_band(images, None if ctf is None else ctf[lo:hi], apix, ou, opts, backend,
+                                           say)
                 new, before, after, kmax, work = align_poses(_select(images, mine - lo, backend), poses[mine], volf,
                                                              ctf[mine] if ctf is not None else None,
                                                              apix, ou, opts, cutoff, falloff, backend, progress,
-                                                             f"iteration {iteration + 1}/{opts.maxit}")
+                                                             f"iteration {iteration + 1}/{opts.maxit}",
+                                                             full_band=full_band or None, rows=mine - lo)
                 if comm.size > 1:       # blocks are contiguous and in rank order: concatenation is chunk order
                     new, before, after = (np.concatenate(comm.allgather(a)) for a in (new, before, after))
                     work = np.sum(comm.allgather(work), axis=0)
@@ -717,6 +722,40 @@ def _resident_images(images: np.ndarray, backend, say):
     return backend.xp.asarray(np.asarray(images, dtype=np.float32))
 
 
+#: The alignment keeps the rank's images prepared at every frequency for the run (alignment.FullBandImages) when
+#: they take at most this fraction of the available host memory (CPU) or of the free device memory (GPU).
+FULL_BAND_FRACTION = 0.25
+
+
+def _full_band(images, ctf, apix: float, ou: float, opts: RefineOptions, backend, say):
+    """The rank's images prepared once for the alignment (alignment.prepare_full_band), or False (prepare them per
+    batch, each iteration) for the numpy reference path and where they would take more than
+    :data:`FULL_BAND_FRACTION` of the memory available where they would live."""
+    from .alignment import full_band_bytes, prepare_full_band
+
+    if backend is None:
+        return False
+    nbytes = full_band_bytes(len(images), images.shape[-1])
+    free = backend.free_memory_bytes() if backend.xp is not np else _available_host_bytes()
+    if free is not None and nbytes > FULL_BAND_FRACTION * free:
+        say(f"alignment: the images prepared once would take {nbytes / 2**20:.0f} MiB, more than "
+            f"{FULL_BAND_FRACTION:.0%} of the {free / 2**20:.0f} MiB available; they are prepared each iteration")
+        return False
+    return prepare_full_band(images, ctf, apix, ou, backend, batch=opts.batch)
+
+
+def _available_host_bytes() -> int | None:
+    """Memory the host can give now (Linux MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _select(images, index: np.ndarray, backend):
     """images[index] (int array), on whichever side the images are: a slice when the indices are a run (a chunk
     of the rank's own block, the usual case), else a gather with the indices sent to the device."""
@@ -754,14 +793,17 @@ def device_memory_estimate_bytes(n: int, box: int, opts: RefineOptions, device_f
 
 
 def memory_estimate_bytes(n: int, box: int, opts: RefineOptions) -> int:
-    """Host memory a run needs: images, the padded Fourier accumulators, the prepared reference and one
-    alignment batch of prepared images (float64/complex128)."""
+    """Host memory a run needs: images, the padded Fourier accumulators, the prepared reference, one
+    alignment batch of prepared images (float64/complex128) and the images prepared once for the alignment
+    (alignment.full_band_bytes; kept when they fit :data:`FULL_BAND_FRACTION` of the available memory)."""
+    from .alignment import full_band_bytes
+
     npad_box = opts.npad * box
     images = n * box * box * 4
     accumulators = 4 * npad_box ** 2 * (npad_box // 2 + 1) * (16 + 8)    # two halves, their sum, scratch
     reference = (2 * box + 7) ** 2 * (box + 7) * 16
     batch = alignment_batch(n, box, opts.batch) * _prepared_bytes_per_image(box)
-    return images + accumulators + reference + batch
+    return images + accumulators + reference + batch + full_band_bytes(n, box)
 
 
 # ---------------------------------------------------------------------------------------------- small pieces

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gpu_ali3d import gridding, kernels, score, simplex
-from gpu_ali3d.alignment import align_kernel, align_poses
+from gpu_ali3d.alignment import align_kernel, align_poses, prepare_full_band
 from gpu_ali3d.backend import make_backend
 from gpu_ali3d.ctf import CTFParams
 from gpu_ali3d.geometry import angular_distance, shift_distance
@@ -179,3 +179,56 @@ def test_align_poses_fused_matches_the_reference_path(backend, relion_noisy, int
     assert err_fused < 0.5 * err_start, (err_start, err_fused)          # 4.0 -> about 1.2-1.3 deg (measured)
     print(f"{interpolation}: fused vs reference median {np.median(angle):.2g} deg, {np.median(shift):.2g} px; "
           f"error vs truth {err_start:.2f} -> {err_fused:.2f} deg; work fused {fused[4]}, reference {reference[4]}")
+
+
+def _kernel_images_equal(a, b, xp_host):
+    for field in ("freqs", "weights", "data", "ctf", "power"):
+        x, y = getattr(a, field), getattr(b, field)
+        if x is None or y is None:
+            assert x is None and y is None, field
+            continue
+        np.testing.assert_array_equal(xp_host(x), xp_host(y), err_msg=field)
+    assert (a.N, a.k_index, a.k_reach) == (b.N, b.k_index, b.k_reach)
+
+
+@pytest.mark.parametrize("with_ctf", [True, False])
+def test_full_band_images_give_each_band_bit_for_bit(backend, rng, with_ctf):
+    """Images prepared once at every frequency (prepare_full_band, two batches) and cut to a band limit give the
+    KernelImages that preparing those images for that band gives, for bands from a few pixels to Nyquist and for
+    a subset of the images in another order (a chunk of a run)."""
+    n, M = 9, 32
+    vol = smooth_random_map(rng, M)
+    ref = gridding.prepare_reference(vol)
+    poses = np.column_stack([rng.uniform(0, 360, n), rng.uniform(0, 180, n), rng.uniform(0, 360, n),
+                             rng.uniform(-3, 3, (n, 2))])
+    ctf = None
+    if with_ctf:
+        ctf = CTFParams(defocus_u_A=rng.uniform(8000, 20000, n), defocus_v_A=rng.uniform(8000, 20000, n),
+                        astig_angle_deg=rng.uniform(0, 180, n), voltage_kV=300.0, cs_mm=2.7, amp_contrast=0.1,
+                        bfactor_A2=rng.uniform(0, 50, n))
+    images = gridding.project_reference(ref, poses, ctf=ctf, apix_A=4.0) + rng.standard_normal((n, M, M))
+    full = prepare_full_band(images, ctf, 4.0, 13, backend, batch=4)
+    assert len(full) == n
+    rows = np.array([7, 2, 3, 0])
+    for kmax in (4.0, 11.3, 20.0, float(M)):
+        got = full.band(backend, kmax, rows)
+        prep = score.prepare_images(images[rows], 13, ctf=None if ctf is None else ctf[rows], apix_A=4.0,
+                                    kmax=kmax, image_pad=1, xp=backend.xp)
+        _kernel_images_equal(got, kernels.kernel_images(backend, prep), backend.to_host)
+
+
+def test_align_poses_from_the_full_band_gives_the_same_poses(backend, relion_noisy):
+    """align_poses with the images prepared once for the run (refine's path) gives the poses, scores and counts of
+    align_poses preparing them itself: bit for bit."""
+    images, start, ctf, apix, volf, (cutoff, falloff), truth = relion_noisy
+    opts = RefineOptions(batch=20)
+    rows = np.arange(len(images))[::-1].copy()
+    full = prepare_full_band(images[::-1], ctf[rows], apix, 30, backend)
+    want = align_poses(images, start, volf, ctf, apix, 30, opts, cutoff, falloff, backend, False, "")
+    got = align_poses(images, start, volf, ctf, apix, 30, opts, cutoff, falloff, backend, False, "",
+                      full_band=full, rows=rows)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="one row per pose"):
+        align_poses(images, start, volf, ctf, apix, 30, opts, cutoff, falloff, backend, False, "",
+                    full_band=full, rows=rows[:3])
