@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .geometry import euler_from_matrix, rotation_matrix
+from .io.stack import materialise
 
 #: Host memory the prepared images of one alignment batch may take when --batch is 0 (auto).
 BATCH_MEMORY_BYTES = 1 << 30
@@ -91,8 +92,8 @@ def align_poses(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, backe
             best, fbest, f0, evals, steps = _align_fused(backend, ref, full_band.band(backend, kmax, rows[sl]),
                                                          poses[sl], opts)
         else:
-            prep = prepare_images(images[sl], ou, ctf=ctf[sl] if ctf is not None else None, apix_A=apix,
-                                  kmax=kmax, image_pad=IMAGE_PAD, xp=np if backend is None else backend.xp)
+            prep = prepare_images(materialise(images[sl]), ou, ctf=ctf[sl] if ctf is not None else None,
+                                  apix_A=apix, kmax=kmax, image_pad=IMAGE_PAD, xp=np if backend is None else backend.xp)
             if backend is None:
                 best, fbest, f0, evals, steps = _align_reference(ref, prep, poses[sl], opts)
             else:
@@ -161,7 +162,7 @@ def prepare_full_band(images, ctf, apix: float, ou: float, backend, *, batch: in
     parts = []
     for start in range(0, n, size):
         sl = slice(start, min(start + size, n))
-        prep = prepare_images(images[sl], ou, ctf=ctf[sl] if ctf is not None else None, apix_A=apix,
+        prep = prepare_images(materialise(images[sl]), ou, ctf=ctf[sl] if ctf is not None else None, apix_A=apix,
                               kmax=None, image_pad=IMAGE_PAD, xp=xp)
         parts.append((prep.data.astype(np.complex64), None if prep.ctf is None else prep.ctf.astype(np.float32),
                       xp.abs(prep.data) ** 2))

@@ -20,7 +20,7 @@ from . import __version__
 from .options import DEVICES, INTERPOLATIONS, RefineOptions
 
 #: Options that --continue accepts: where it runs and how it reports, not what it computes.
-_CONTINUE_MAY_CHANGE = ("device", "batch", "debug")
+_CONTINUE_MAY_CHANGE = ("device", "batch", "debug", "image_budget")
 
 #: Errors that end a command with one line and exit status 2: bad values and files, and the OS's refusals (a full
 #: disk, a read-only folder, a path through a file: OSError) and a lack of memory, which the user fixes.
@@ -269,6 +269,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="resume an interrupted run from its checkpoint (same input and options)")
     r.add_argument("--batch", type=int, default=d.batch,
                    help="images aligned together (0: sized from memory); the result does not depend on it")
+    r.add_argument("--image-budget", type=int, default=d.image_budget, metavar="MiB",
+                   help="host memory a rank's images may take; beyond it they are read batch by batch from their "
+                        "files (same poses); 0: half of the available memory")
     r.add_argument("--interpolation", default=d.interpolation, choices=INTERPOLATIONS,
                    help="reference sampling in the objective: Kaiser-Bessel (SPARX) or trilinear (faster)")
     r.set_defaults(run=_cmd_refine)

@@ -60,6 +60,10 @@ class RefineOptions:
         noisy 1.606 vs 1.646).
     batch : images aligned together by the batched simplex (one kernel launch scores all of them); 0 = sized from
         memory (:func:`gpu_ali3d.alignment.alignment_batch`). The poses do not depend on it.
+    image_budget : MiB of host memory a rank's images may take (float32); a rank whose images need more reads them
+        batch by batch from their files for the reconstruction and the alignment (memory-mapped MRC stacks, HDF
+        image by image) instead of holding them: the same poses, slower by the reads. 0 (default): half of the
+        memory available when the run starts.
     """
 
     ou: int = -1
@@ -82,6 +86,7 @@ class RefineOptions:
     write_headers: bool = False
     interpolation: str = "trilinear"
     batch: int = 0
+    image_budget: int = 0
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -124,6 +129,9 @@ class RefineOptions:
         _check_int("batch", self.batch)
         if self.batch < 0:
             raise ValueError(f"--batch {self.batch}: give a number of images >= 1, or 0 to size it from memory")
+        _check_int("image_budget", self.image_budget)
+        if self.image_budget < 0:
+            raise ValueError(f"--image-budget {self.image_budget}: give MiB >= 1, or 0 for half the available memory")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"--interpolation {self.interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
 

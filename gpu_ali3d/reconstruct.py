@@ -59,6 +59,7 @@ from scipy import ndimage
 
 from .ctf import CTFParams, check_ctf_arguments, ctf_grid
 from .geometry import as_poses, rotation_matrix
+from .io.stack import StreamedImages, materialise
 from .kernels import _check_array
 from .symmetry import symmetry_rotations
 
@@ -622,7 +623,7 @@ def _accumulate(images, poses, which: np.ndarray, *, ctf, apix_A, snr, sym, npad
     images = _images_here(images, backend)
     if images.ndim != 3 or images.shape[1] != images.shape[2]:
         raise ValueError(f"images must be square, shape (n, M, M); got {tuple(images.shape)}")
-    resident = not isinstance(images, np.ndarray)              # on the device: pick each chunk there
+    resident = backend is not None and backend.xp is not np and isinstance(images, backend.xp.ndarray)
     poses = as_poses(poses, len(images))
     check_ctf_arguments(ctf, len(images), apix_A)
     if not isinstance(chunk, (int, np.integer)) or chunk < 1:
@@ -634,7 +635,7 @@ def _accumulate(images, poses, which: np.ndarray, *, ctf, apix_A, snr, sym, npad
     for start in range(0, len(which), chunk):
         sel = which[start:start + chunk]
         part_ctf = None if ctf is None else (ctf if len(ctf) == 1 else ctf[sel])
-        chunk_images = images[backend.xp.asarray(sel)] if resident else images[sel]
+        chunk_images = images[backend.xp.asarray(sel)] if resident else materialise(images[sel])   # read now
         insert(acc, chunk_images, poses[sel], ctf=part_ctf, apix_A=apix_A, backend=backend, scratch=scratch)
     if backend is not None and not on_device:
         acc.data, acc.weights = backend.to_host(acc.data), backend.to_host(acc.weights)
@@ -644,8 +645,11 @@ def _accumulate(images, poses, which: np.ndarray, *, ctf, apix_A, snr, sym, npad
 
 
 def _images_here(images, backend):
-    """Images as given when they are already an array of the backend's device (a GPU run keeps them there), else
-    as a host numpy array (uploaded by :func:`slice_transforms`)."""
+    """Images as given when they are already an array of the backend's device (a GPU run keeps them there) or
+    streamed (io.stack.StreamedImages: each chunk is read as it is inserted), else as a host numpy array (uploaded
+    by :func:`slice_transforms`)."""
+    if isinstance(images, StreamedImages):
+        return images
     if backend is not None and backend.xp is not np and isinstance(images, backend.xp.ndarray):
         return images
     return np.asarray(images)

@@ -37,7 +37,7 @@ from .alignment import _device_bytes_per_image, _prepared_bytes_per_image, align
 from .geometry import POSE_COLUMNS, angular_distance, rotation_matrix, shift_distance
 from .io.atomic import atomic_path
 from .io.formats import read_stack, read_volume, stack_format, write_poses, write_stack, write_volume
-from .io.stack import ParticleStack, check_refinable
+from .io.stack import ParticleStack, StreamedImages, check_refinable
 from .options import RefineOptions
 from .reconstruct import new_scratch
 
@@ -555,7 +555,7 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
     lo, hi = parallel.block(n, comm.rank, comm.size)      # this rank's particles; it reads only their images
     if comm.size > 1:
         say(f"MPI: {comm.size} ranks, {hi - lo} particles on rank 0")
-    images = _resident_images(stack.read_images(slice(lo, hi)), backend, say)
+    images = _rank_images(stack, lo, hi, opts, backend, say)
     # the insertion's fixed-point grid, kept over the iterations (insert_unscale leaves it zeroed)
     scratch = None if backend is None else new_scratch(backend, opts.npad * box)
     poses = state.poses
@@ -706,6 +706,29 @@ def _reference(images, poses, half, ctf, apix, mask, opts, user_function, backen
 RESIDENT_IMAGES_FRACTION = 0.25
 
 
+def _rank_images(stack: ParticleStack, lo: int, hi: int, opts: RefineOptions, backend, say):
+    """Particles lo..hi-1 of the stack as the run reads them: read into memory (then on a GPU's device when they fit:
+    :func:`_resident_images`) when their float32 bytes fit the image budget (``opts.image_budget`` MiB; 0: half
+    the available host memory), else an io.stack.StreamedImages that the reconstruction and the alignment read
+    chunk by chunk and batch by batch from the files (issue 12: stacks larger than memory)."""
+    nbytes = (hi - lo) * stack.box * stack.box * 4
+    budget = image_budget_bytes(opts)
+    if budget is not None and nbytes > budget:
+        say(f"images: {nbytes / 2**20:.0f} MiB, more than the image budget of {budget / 2**20:.0f} MiB; they are "
+            "read from the files batch by batch")
+        return StreamedImages(stack.images, np.arange(lo, hi))
+    return _resident_images(stack.read_images(slice(lo, hi)), backend, say)
+
+
+def image_budget_bytes(opts: RefineOptions) -> int | None:
+    """The image budget of a run in bytes: --image-budget MiB, or half the available host memory (None where it
+    cannot be read: no limit)."""
+    if opts.image_budget > 0:
+        return opts.image_budget << 20
+    available = _available_host_bytes()
+    return None if available is None else available // 2
+
+
 def _resident_images(images: np.ndarray, backend, say):
     """The rank's images where the kernels read them: on a GPU one float32 copy on the device, made once and kept
     for the run (the reconstruction and the alignment both read it: no upload per iteration), when it fits
@@ -733,7 +756,7 @@ def _full_band(images, ctf, apix: float, ou: float, opts: RefineOptions, backend
     :data:`FULL_BAND_FRACTION` of the memory available where they would live."""
     from .alignment import full_band_bytes, prepare_full_band
 
-    if backend is None:
+    if backend is None or isinstance(images, StreamedImages):   # streamed: beyond the budget already
         return False
     nbytes = full_band_bytes(len(images), images.shape[-1])
     free = backend.free_memory_bytes() if backend.xp is not np else _available_host_bytes()
@@ -761,8 +784,8 @@ def _select(images, index: np.ndarray, backend):
     of the rank's own block, the usual case), else a gather with the indices sent to the device."""
     if len(index) and np.array_equal(index, np.arange(index[0], index[0] + len(index))):
         return images[int(index[0]):int(index[0]) + len(index)]
-    if isinstance(images, np.ndarray):
-        return images[index]
+    if isinstance(images, (np.ndarray, StreamedImages)):
+        return images[np.asarray(index, dtype=np.int64)]
     return images[backend.xp.asarray(index)]
 
 

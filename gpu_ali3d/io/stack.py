@@ -50,6 +50,46 @@ class ArrayImages:
         return out
 
 
+class StreamedImages:
+    """Images of an :class:`ImageSource` read only when they are used: refine's stand-in for the (k, box, box)
+    float32 array of a rank's images when they exceed its image budget (issue 12: stacks larger than memory).
+
+    Indexing with a slice or an integer array gives another StreamedImages (nothing is read); ``np.asarray``
+    (:func:`materialise`) reads them, one ``source.read`` (memory-mapped MRC pages, HDF images one by one), so
+    a batch or chunk is in memory only while it is used. ``shape``, ``ndim``, ``dtype`` and ``len`` are an array's.
+    """
+
+    def __init__(self, source: ImageSource, indices: np.ndarray):
+        self._source = source
+        self._indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        self.shape = (len(self._indices), source.box, source.box)
+        self.ndim = 3
+        self.dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes these images take once read (float32)."""
+        return int(np.prod(self.shape)) * 4
+
+    def __getitem__(self, key) -> "StreamedImages":
+        if isinstance(key, slice) or (isinstance(key, np.ndarray) and key.dtype.kind in "iu" and key.ndim == 1):
+            return StreamedImages(self._source, self._indices[key])
+        raise TypeError(f"streamed images take a slice or a 1-d integer array as index, not {type(key).__name__}")
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self._source.read(self._indices)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def materialise(images):
+    """``images`` as an array: :class:`StreamedImages` read into a float32 numpy array, anything else as it is
+    (a numpy or device array)."""
+    return np.asarray(images) if isinstance(images, StreamedImages) else images
+
+
 @dataclass
 class ParticleStack:
     """Particles with poses and CTFs.
