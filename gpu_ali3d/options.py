@@ -62,8 +62,10 @@ class RefineOptions:
         memory (:func:`gpu_ali3d.alignment.alignment_batch`). The poses do not depend on it.
     image_budget : MiB of host memory a rank's images may take (float32); a rank whose images need more reads them
         batch by batch from their files for the reconstruction and the alignment (memory-mapped MRC stacks, HDF
-        image by image) instead of holding them: the same poses, slower by the reads. 0 (default): half of the
-        memory available when the run starts.
+        image by image) instead of holding them: the same poses, slower by the reads. What is read at once is one
+        alignment batch or one insertion call's images (reconstruct.insert_chunk: as in memory, so that the maps
+        are the same bit for bit; up to 256 MB of their transforms). 0 (default): half of the memory available
+        when the run starts.
     """
 
     ou: int = -1
