@@ -17,17 +17,20 @@ from gpu_ali3d.options import RefineOptions
 from conftest import smooth_random_map
 
 
+def _random_ctf(rng, n):
+    """CTF parameters of n particles: defocus 0.8-2 um, astigmatic, B-factors up to 50 A^2."""
+    return CTFParams(defocus_u_A=rng.uniform(8000, 20000, n), defocus_v_A=rng.uniform(8000, 20000, n),
+                     astig_angle_deg=rng.uniform(0, 180, n), voltage_kV=300.0, cs_mm=2.7, amp_contrast=0.1,
+                     bfactor_A2=rng.uniform(0, 50, n))
+
+
 def _problem(rng, n, *, interpolation, with_ctf, M=32):
     """A smooth random map in a sphere, noisy (CTF) projections at random poses, starts a few degrees off."""
     vol = smooth_random_map(rng, M)
     ref = gridding.prepare_reference(vol, interpolation=interpolation)
     true = np.column_stack([rng.uniform(0, 360, n), rng.uniform(0, 180, n), rng.uniform(0, 360, n),
                             rng.uniform(-3, 3, (n, 2))])
-    ctf = None
-    if with_ctf:
-        ctf = CTFParams(defocus_u_A=rng.uniform(8000, 20000, n), defocus_v_A=rng.uniform(8000, 20000, n),
-                        astig_angle_deg=rng.uniform(0, 180, n), voltage_kV=300.0, cs_mm=2.7, amp_contrast=0.1,
-                        bfactor_A2=rng.uniform(0, 50, n))
+    ctf = _random_ctf(rng, n) if with_ctf else None
     images = gridding.project_reference(ref, true, ctf=ctf, apix_A=4.0)
     images += rng.standard_normal(images.shape) * images.std()
     prep = score.prepare_images(images, ou=M // 2 - 2, ctf=ctf, apix_A=4.0, kmax=0.3 * ref.N, image_pad=1)
@@ -201,11 +204,7 @@ def test_full_band_images_give_each_band_bit_for_bit(backend, rng, with_ctf):
     ref = gridding.prepare_reference(vol)
     poses = np.column_stack([rng.uniform(0, 360, n), rng.uniform(0, 180, n), rng.uniform(0, 360, n),
                              rng.uniform(-3, 3, (n, 2))])
-    ctf = None
-    if with_ctf:
-        ctf = CTFParams(defocus_u_A=rng.uniform(8000, 20000, n), defocus_v_A=rng.uniform(8000, 20000, n),
-                        astig_angle_deg=rng.uniform(0, 180, n), voltage_kV=300.0, cs_mm=2.7, amp_contrast=0.1,
-                        bfactor_A2=rng.uniform(0, 50, n))
+    ctf = _random_ctf(rng, n) if with_ctf else None
     images = gridding.project_reference(ref, poses, ctf=ctf, apix_A=4.0) + rng.standard_normal((n, M, M))
     full = prepare_full_band(images, ctf, 4.0, 13, backend, batch=4)
     assert len(full) == n
