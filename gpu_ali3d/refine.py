@@ -547,7 +547,7 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
         f"ts {opts.ts:g}, maxit {opts.maxit}, chunk {opts.chunk:g}, CTF {'on' if ctf is not None else 'off'}, "
         f"sym {opts.sym}, interpolation {opts.interpolation}, insertion {opts.insertion}, "
         f"snr {'auto' if opts.snr is None else f'{opts.snr:g}'}, device {backend.name if backend else 'reference'}")
-    say(f"memory estimate: {memory_estimate_bytes(n, box, opts) / 2**20:.0f} MiB")
+    say(f"memory estimate: {memory_estimate_bytes(n, box, opts, streamed=_streamed(n, box, opts)) / 2**20:.0f} MiB")
     free = backend.free_memory_bytes() if backend is not None else None
     if free is not None:
         say(f"device memory estimate: {device_memory_estimate_bytes(n, box, opts, free) / 2**20:.0f} MiB "
@@ -711,13 +711,17 @@ def _rank_images(stack: ParticleStack, lo: int, hi: int, opts: RefineOptions, ba
     :func:`_resident_images`) when their float32 bytes fit the image budget (``opts.image_budget`` MiB; 0: half
     the available host memory), else an io.stack.StreamedImages that the reconstruction and the alignment read
     chunk by chunk and batch by batch from the files (issue 12: stacks larger than memory)."""
-    nbytes = (hi - lo) * stack.box * stack.box * 4
-    budget = image_budget_bytes(opts)
-    if budget is not None and nbytes > budget:
-        say(f"images: {nbytes / 2**20:.0f} MiB, more than the image budget of {budget / 2**20:.0f} MiB; they are "
-            "read from the files batch by batch")
+    if _streamed(hi - lo, stack.box, opts):
+        say(f"images: {(hi - lo) * stack.box ** 2 * 4 / 2**20:.0f} MiB, more than the image budget of "
+            f"{image_budget_bytes(opts) / 2**20:.0f} MiB; they are read from the files batch by batch")
         return StreamedImages(stack.images, np.arange(lo, hi))
     return _resident_images(stack.read_images(slice(lo, hi)), backend, say)
+
+
+def _streamed(n: int, box: int, opts: RefineOptions) -> bool:
+    """Whether n float32 images of the box exceed the run's image budget (:func:`image_budget_bytes`)."""
+    budget = image_budget_bytes(opts)
+    return budget is not None and n * box * box * 4 > budget
 
 
 def image_budget_bytes(opts: RefineOptions) -> int | None:
@@ -815,18 +819,25 @@ def device_memory_estimate_bytes(n: int, box: int, opts: RefineOptions, device_f
     return accumulator + reference + batch
 
 
-def memory_estimate_bytes(n: int, box: int, opts: RefineOptions) -> int:
+def memory_estimate_bytes(n: int, box: int, opts: RefineOptions, *, streamed: bool = False) -> int:
     """Host memory a run needs: images, the padded Fourier accumulators, the prepared reference, one
-    alignment batch of prepared images (float64/complex128) and the images prepared once for the alignment
-    (alignment.full_band_bytes; kept when they fit :data:`FULL_BAND_FRACTION` of the available memory)."""
+    alignment batch of prepared images (float64/complex128), one insertion call's images, their float64
+    temporaries and slice transforms (complex64 and float32 CTF^2 on the plane that is inserted) and the images prepared once for the alignment
+    (alignment.full_band_bytes; kept when they fit :data:`FULL_BAND_FRACTION` of the available memory).
+    streamed: the images beyond the image budget (read as needed: neither they nor the prepared ones are held)."""
     from .alignment import full_band_bytes
+    from .reconstruct import insert_chunk
 
     npad_box = opts.npad * box
-    images = n * box * box * 4
+    images = 0 if streamed else n * box * box * 4
     accumulators = 4 * npad_box ** 2 * (npad_box // 2 + 1) * (16 + 8)    # two halves, their sum, scratch
     reference = (2 * box + 7) ** 2 * (box + 7) * 16
     batch = alignment_batch(n, box, opts.batch) * _prepared_bytes_per_image(box)
-    return images + accumulators + reference + batch + full_band_bytes(n, box)
+    side = box if opts.insertion == "trilinear" else npad_box
+    # per image of the call: float32 read, float64 temporaries (two, slice_transforms), the plane's transform
+    insertion = min(n, insert_chunk(box, opts.npad, opts.insertion)) * (20 * box * box + 12 * side * (side // 2 + 1))
+    prepared = 0 if streamed else full_band_bytes(n, box)
+    return images + accumulators + reference + batch + insertion + prepared
 
 
 # ---------------------------------------------------------------------------------------------- small pieces
