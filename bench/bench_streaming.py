@@ -102,7 +102,9 @@ def _refine(star: Path, out: Path, iterations: int, extra: list[str]) -> dict:
         raise SystemExit(f"{' '.join(cmd)} failed; see {out.parent / (out.name + '.log')}")
     records = json.loads((out / "summary.json").read_text())
     per_it = [r["wall_s"] for r in records if r.get("criterion_after") is not None]
-    return {"command": " ".join(cmd[1:]), "peak_rss_MiB": usage.ru_maxrss / 1024, "total_s": total,
+    shown = " ".join(str(Path(c).relative_to(ROOT)) if str(c).startswith(str(ROOT) + os.sep) else str(c)
+                     for c in cmd[1:])                      # no machine paths in the results
+    return {"command": shown, "peak_rss_MiB": usage.ru_maxrss / 1024, "total_s": total,
             "seconds_per_iteration": per_it, "mean_s": sum(per_it) / len(per_it)}
 
 
