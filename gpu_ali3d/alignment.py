@@ -246,10 +246,8 @@ def _align_fused(backend, kref, prep, poses, opts):
     sync), so :func:`kernel_images` converts there and uploads only the shared sample frequencies and weights; one
     upload of the start poses and scales (made on the host, where the poses are), one launch, and one copy back of
     the packed results: one more sync."""
-    from .kernels import kernel_images
+    from .kernels import KernelImages, kernel_images
     from .simplex import SPARX_SERIAL, local_ali3d_scales
-
-    from .kernels import KernelImages
 
     xp = backend.xp
     kimg = prep if isinstance(prep, KernelImages) else kernel_images(backend, prep)

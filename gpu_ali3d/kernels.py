@@ -52,7 +52,7 @@ KERNEL_DIR = _find_kernel_dir()
 #: (portable.cuh fmadd).
 CPU_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off", "-x", "c++")
 #: Added to :data:`CPU_FLAGS` for :data:`FAST_MODULES` on an x86-64 host with AVX2 and FMA (:func:`cpu_flags`): the
-#: objective's explicit fmadd become fused multiply-adds on the CPU, as on the GPU (about 20 % faster alignment at
+#: objective's explicit fmadd become fused multiply-adds on the CPU, as on the GPU (13-25 % faster alignment at
 #: box 128 on a 2-core AMD EPYC). A fixed micro-architecture level, not -march=native, so the binary (and its key)
 #: is the same on every such machine.
 CPU_FLAGS_FAST = ("-march=x86-64-v3",)

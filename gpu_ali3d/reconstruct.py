@@ -440,7 +440,8 @@ def finish(acc: FourierAccumulator, *, plus: FourierAccumulator | None = None, w
     if plus is not None:
         _check_addable(acc, plus)
     if weighting is None:
-        weighting = bool(acc.ctf if plus is None or plus.ctf is None else plus.ctf) and not trilinear
+        ctf = acc.ctf if plus is None or acc.ctf is not None else plus.ctf      # as add() sets it
+        weighting = bool(ctf) and not trilinear
     if plus is not None and (weighting or backend is None):     # the reference: form the sum
         acc, plus = add(acc, plus), None
     xp = np if backend is None else backend.xp

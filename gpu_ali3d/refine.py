@@ -559,7 +559,9 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
     # the insertion's fixed-point grid, kept over the iterations (insert_unscale leaves it zeroed)
     scratch = None if backend is None else new_scratch(backend, opts.npad * box)
     poses = state.poses
-    full_band = None            # the images prepared for the alignment once (_full_band), made at its first use
+    # the images prepared once for the alignment (None: prepared per batch), when this run still aligns
+    full_band = (_full_band(images, None if ctf is None else ctf[lo:hi], apix, ou, opts, backend, say)
+                 if state.next_iteration < opts.maxit else None)
     chunks = _chunks(n, opts.chunk)
     for iteration in range(state.next_iteration, opts.maxit + 1):
         last = iteration == opts.maxit
@@ -581,14 +583,11 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
                 old = poses[members].copy()
                 mine = members[(members >= lo) & (members < hi)]          # this rank's part of the chunk
                 t1 = time.perf_counter()
-                if full_band is None:
-                    full_band = _full_band(images, None if ctf is None else ctf[lo:hi], apix, ou, opts, backend,
-                                           say)
                 new, before, after, kmax, work = align_poses(_select(images, mine - lo, backend), poses[mine], volf,
                                                              ctf[mine] if ctf is not None else None,
                                                              apix, ou, opts, cutoff, falloff, backend, progress,
                                                              f"iteration {iteration + 1}/{opts.maxit}",
-                                                             full_band=full_band or None, rows=mine - lo)
+                                                             full_band=full_band, rows=mine - lo)
                 if comm.size > 1:       # blocks are contiguous and in rank order: concatenation is chunk order
                     new, before, after = (np.concatenate(comm.allgather(a)) for a in (new, before, after))
                     work = np.sum(comm.allgather(work), axis=0)
@@ -755,19 +754,20 @@ FULL_BAND_FRACTION = 0.25
 
 
 def _full_band(images, ctf, apix: float, ou: float, opts: RefineOptions, backend, say):
-    """The rank's images prepared once for the alignment (alignment.prepare_full_band), or False (prepare them per
-    batch, each iteration) for the numpy reference path and where they would take more than
-    :data:`FULL_BAND_FRACTION` of the memory available where they would live."""
+    """The rank's images prepared once for the alignment (alignment.prepare_full_band), or None (prepare them per
+    batch, each iteration) for the numpy reference path, a rank without particles, streamed images (beyond the
+    budget already) and where they would take more than :data:`FULL_BAND_FRACTION` of the memory available where
+    they would live."""
     from .alignment import full_band_bytes, prepare_full_band
 
-    if backend is None or isinstance(images, StreamedImages):   # streamed: beyond the budget already
-        return False
+    if backend is None or len(images) == 0 or isinstance(images, StreamedImages):
+        return None
     nbytes = full_band_bytes(len(images), images.shape[-1])
     free = backend.free_memory_bytes() if backend.xp is not np else _available_host_bytes()
     if free is not None and nbytes > FULL_BAND_FRACTION * free:
         say(f"alignment: the images prepared once would take {nbytes / 2**20:.0f} MiB, more than "
             f"{FULL_BAND_FRACTION:.0%} of the {free / 2**20:.0f} MiB available; they are prepared each iteration")
-        return False
+        return None
     return prepare_full_band(images, ctf, apix, ou, backend, batch=opts.batch)
 
 
@@ -820,10 +820,10 @@ def device_memory_estimate_bytes(n: int, box: int, opts: RefineOptions, device_f
 
 
 def memory_estimate_bytes(n: int, box: int, opts: RefineOptions, *, streamed: bool = False) -> int:
-    """Host memory a run needs: images, the padded Fourier accumulators, the prepared reference, one
-    alignment batch of prepared images (float64/complex128), one insertion call's images, their float64
-    temporaries and slice transforms (complex64 and float32 CTF^2 on the plane that is inserted) and the images prepared once for the alignment
-    (alignment.full_band_bytes; kept when they fit :data:`FULL_BAND_FRACTION` of the available memory).
+    """Host memory a run needs: images, the padded Fourier accumulators, the prepared reference, one alignment
+    batch of prepared images (float64/complex128), one insertion call's images, their float64 temporaries and
+    slice transforms (complex64 and float32 CTF^2 on the plane that is inserted) and the images prepared once for
+    the alignment (alignment.full_band_bytes; kept when they fit :data:`FULL_BAND_FRACTION` of the available memory).
     streamed: the images beyond the image budget (read as needed: neither they nor the prepared ones are held)."""
     from .alignment import full_band_bytes
     from .reconstruct import insert_chunk
