@@ -28,10 +28,13 @@ BATCH_MEMORY_BYTES = 1 << 30
 #: SPARX's 2x zero-padded one: 4x fewer samples for the same correlation (score.prepare_images, image_pad).
 IMAGE_PAD = 1
 #: The objective leaves out the frequencies where the reference's tanh filter passes less than this fraction of
-#: the amplitude (:func:`alignment_band_limit`). Measured by bench/bench_band.py on 2,000 RELION-simulated particles
-#: (SNR 0.1, box 64, 2 iterations): 0.01, 0.05, 0.1 and 0.2 give the same median error (1.509, 1.508, 1.516, 1.517
-#: deg) in 13.8, 10.8, 10.1 and 9.9 s of alignment.
-BAND_LEVEL = 0.1
+#: the amplitude (:func:`alignment_band_limit`). 0.45 keeps little beyond the cut-off. With the adaptive mask the
+#: FSC, the cut-off and so the band rise (GPCR, box 128: 51 instead of 31 Fourier pixels at level 0.1), and the
+#: alignment's cost with the band's area. bench/bench_automask.py, 1,000 GPCR particles (SNR 0.05, 5 iterations),
+#: levels 0.1, 0.3, 0.45: 1.21, 1.26, 1.28 deg at 1.94, 1.26, 1.06x the seconds per iteration of the sphere-masked
+#: run at level 0.1 (1.72 deg); 2,000 70S particles (3 iterations): 1.70, 1.72, 1.71 deg (sphere: 1.72) at 1.01,
+#: 0.82, 0.76x. The sphere-masked box-64 runs of bench/bench_band.py (levels 0.01-0.2) gave one error at all.
+BAND_LEVEL = 0.45
 #: Parameters of the simplex of kernels/align.cu (phi, theta, psi, sx, sy).
 POSE_DIM = 5
 

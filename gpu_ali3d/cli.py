@@ -272,6 +272,9 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--image-budget", type=int, default=d.image_budget, metavar="MiB",
                    help="host memory a rank's images may take; beyond it they are read batch by batch from their "
                         "files (same poses); 0: half of the available memory")
+    r.add_argument("--automask", type=float, default=d.automask, metavar="FRACTION",
+                   help="without a mask file, mask the FSC and the reference by the particle's envelope in each "
+                        "map, thresholded at this fraction of its maximum; 0: the sphere of radius ou (SPARX)")
     r.add_argument("--interpolation", default=d.interpolation, choices=INTERPOLATIONS,
                    help="reference sampling in the objective: Kaiser-Bessel (SPARX) or trilinear (faster)")
     r.set_defaults(run=_cmd_refine)

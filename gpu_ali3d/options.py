@@ -60,6 +60,13 @@ class RefineOptions:
         noisy 1.606 vs 1.646).
     batch : images aligned together by the batched simplex (one kernel launch scores all of them); 0 = sized from
         memory (:func:`gpu_ali3d.alignment.alignment_batch`). The poses do not depend on it.
+    automask : where no mask file is given, the FSC and the reference are masked by the particle's envelope in each
+        iteration's map (:func:`gpu_ali3d.masking.adaptive_mask`: low-passed to 15 A, thresholded at this fraction
+        of its maximum, grown by 5 pixels with a 6-pixel soft edge, within the sphere of radius ou) instead of by
+        SPARX's sphere alone; 0 gives the sphere (SPARX). Measured (bench/bench_automask.py): on a small particle
+        (1,000 GPCR particles at box 128, SNR 0.05, 5 iterations) the median angle error falls from 1.72 to 1.28
+        deg and the shift error from 0.28 to 0.23 px; on 2,000 70S particles that fill their sphere (box 64) it
+        is unchanged (1.72 and 1.71 deg). The final mask is written as mask.mrc.
     image_budget : MiB of host memory a rank's images may take (float32); a rank whose images need more reads them
         batch by batch from their files for the reconstruction and the alignment (memory-mapped MRC stacks, HDF
         image by image) instead of holding them: the same poses, slower by the reads. What is read at once is one
@@ -89,6 +96,7 @@ class RefineOptions:
     interpolation: str = "trilinear"
     batch: int = 0
     image_budget: int = 0
+    automask: float = 0.1
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -134,6 +142,10 @@ class RefineOptions:
         _check_int("image_budget", self.image_budget)
         if self.image_budget < 0:
             raise ValueError(f"--image-budget {self.image_budget}: give MiB >= 1, or 0 for half the available memory")
+        if not (isinstance(self.automask, (int, float)) and not isinstance(self.automask, bool)
+                and 0 <= self.automask < 1):
+            raise ValueError(f"--automask {self.automask!r}: the threshold is a fraction of the map's maximum, "
+                             "0 < t < 1, or 0 for SPARX's sphere of radius ou alone")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"--interpolation {self.interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
 

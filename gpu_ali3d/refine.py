@@ -139,7 +139,8 @@ def continue_local_ali3d(outdir, *, progress: bool = True, **changes) -> RefineR
     with parallel.abort_on_error(comm):
         outdir = Path(outdir)
         job = parallel.on_root(comm, lambda: _load_job(outdir))       # only rank 0 reads outdir
-        opts = replace(RefineOptions(**job["options"]), **changes)
+        # a run from before --automask existed masked by the sphere alone: it goes on doing so
+        opts = replace(RefineOptions(**{"automask": 0.0, **job["options"]}), **changes)
         if job["stack"] is None:
             raise ValueError(f"{outdir}: the run was given an in-memory stack; it cannot be resumed from files")
         # what would fail at the end (or at the first write) fails now, before any work
@@ -174,9 +175,11 @@ PREVIOUS_POSES = "previous_poses.txt"
 @dataclass
 class _Setup:
     ou: int
-    mask: np.ndarray
+    mask: np.ndarray        # the mask file's, or the sphere of radius ou
     half: np.ndarray
     ctf: object
+    automask: float = 0.0   # > 0: the sphere is narrowed to the map's envelope each iteration (masking.adaptive_mask)
+    mask_text: str = "sphere"   # what the start line says of the mask
 
 
 @dataclass
@@ -225,7 +228,9 @@ def _setup(stack: ParticleStack, opts: RefineOptions, maskfile) -> _Setup:
     if opts.CTF and stack.ctf is None:
         raise ValueError("--CTF given but the stack has no CTF parameters")
     return _Setup(ou=ou, mask=_mask(maskfile, stack.box, ou), half=_half_sets(stack, opts.seed),
-                  ctf=stack.ctf if opts.CTF else None)
+                  ctf=stack.ctf if opts.CTF else None, automask=opts.automask if maskfile is None else 0.0,
+                  mask_text=(f"{Path(maskfile).name}" if maskfile is not None
+                             else f"automask {opts.automask:g}" if opts.automask > 0 else "sphere"))
 
 
 def _check_new_outdir(outdir: Path) -> None:
@@ -538,7 +543,7 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
         for module in ("align", "insert"):      # compile (or find in the cache) before the first iteration
             backend.kernels.load(module)
     n, box, apix = len(stack), stack.box, stack.apix_A
-    ou, mask, half, ctf = setup.ou, setup.mask, setup.half, setup.ctf
+    ou, half, ctf = setup.ou, setup.half, setup.ctf
     if resumed and root:
         _tidy_for_resume(outdir, state, source_path if opts.write_headers else None)
     if resumed:
@@ -546,7 +551,8 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
     say(f"gpu-ali3d local refinement: {n} particles, box {box}, {apix:g} A/px, ou {ou}, delta {opts.delta:g}, "
         f"ts {opts.ts:g}, maxit {opts.maxit}, chunk {opts.chunk:g}, CTF {'on' if ctf is not None else 'off'}, "
         f"sym {opts.sym}, interpolation {opts.interpolation}, insertion {opts.insertion}, "
-        f"snr {'auto' if opts.snr is None else f'{opts.snr:g}'}, device {backend.name if backend else 'reference'}")
+        f"snr {'auto' if opts.snr is None else f'{opts.snr:g}'}, "
+        f"mask {setup.mask_text}, device {backend.name if backend else 'reference'}")
     say(f"memory estimate: {memory_estimate_bytes(n, box, opts, streamed=_streamed(n, box, opts)) / 2**20:.0f} MiB")
     free = backend.free_memory_bytes() if backend is not None else None
     if free is not None:
@@ -572,7 +578,7 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
             rec = IterationRecord(iteration, ic)
             if opts.center == -1:
                 poses = parallel.on_root(comm, lambda: centre_data(poses))   # one answer for every rank
-            volf, curve, (cutoff, falloff) = _reference(images, poses, half, ctf, apix, mask, opts, user_function,
+            volf, curve, (cutoff, falloff) = _reference(images, poses, half, ctf, apix, setup, opts, user_function,
                                                         backend, outdir, iteration, ic, comm=comm, first=lo,
                                                         final=last and ic == len(chunks) - 1, scratch=scratch)
             rec.reconstruct_s = time.perf_counter() - t0
@@ -641,15 +647,18 @@ def _write_headers(source_path: Path, original: ParticleStack, refined: Particle
     _say(f"wrote the refined poses into {source_path} (previous poses: {previous})")
 
 
-def _reference(images, poses, half, ctf, apix, mask, opts, user_function, backend, outdir, iteration, ic, *,
+def _reference(images, poses, half, ctf, apix, setup, opts, user_function, backend, outdir, iteration, ic, *,
                comm=None, first=0, final=False, scratch=None):
     """Half maps, masked FSC, full map and the user function's reference; writes vol, volf and resolution.
+    The mask of the FSC and of the user function is setup.mask, narrowed to the full map's envelope when
+    setup.automask > 0 (:func:`gpu_ali3d.masking.adaptive_mask`; written as mask.mrc with the final maps).
     backend None: numpy reference insertion; else kernels/insert.cu (deterministic mode) on that backend.
     MPI (comm of several ranks): images are this rank's block, particles first .. first + len(images) - 1 of the
     global poses, half and ctf; the half-set accumulators are summed on rank 0 (:func:`parallel.reduce_accumulator`,
     fixed order), which finishes, filters and writes, and every rank gets the same (volf, curve, tanh fit).
     final: the last reconstruction of the run; its maps are also written as map.mrc and map_filtered.mrc.
     scratch: the insertion's zeroed fixed-point grid (reconstruct.new_scratch) to reuse, or None."""
+    from .masking import adaptive_mask
     from .reconstruct import accumulate_halves, finish, insert_chunk, wiener_regularisation
     from .resolution import fit_tanh, fsc_mask, fsc_text
     from .user_functions import call_user_function
@@ -673,6 +682,8 @@ def _reference(images, poses, half, ctf, apix, mask, opts, user_function, backen
         even = finish(accs[0], regularisation=lam, backend=where)
         odd = finish(accs[1], regularisation=lam, backend=where)
         full = finish(accs[0], plus=accs[1], regularisation=lam, backend=where)
+        mask = (setup.mask if setup.automask <= 0
+                else adaptive_mask(full, apix, setup.mask, threshold=setup.automask))
         curve = fsc_mask(even, odd, mask)
         tag = f"{iteration:03d}_{ic:03d}"
         with atomic_path(outdir / f"resolution{tag}", overwrite=True) as tmp:
@@ -684,6 +695,7 @@ def _reference(images, poses, half, ctf, apix, mask, opts, user_function, backen
         if final:           # the result as MRC too, for ChimeraX, RELION and the rest
             write_volume(outdir / "map.mrc", full.astype(np.float32), apix, overwrite=True)
             write_volume(outdir / "map_filtered.mrc", volf.astype(np.float32), apix, overwrite=True)
+            write_volume(outdir / "mask.mrc", mask.astype(np.float32), apix, overwrite=True)
         return volf, curve, fit_tanh(curve)
 
     if comm.size == 1:

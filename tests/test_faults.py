@@ -34,7 +34,8 @@ _CHECKPOINT = ["out/checkpoint.npz", "out/summary.json"]
 RENAMES = (
     [".out.new-*/previous_poses.txt", ".out.new-*/job.json", "out"]                      # the folder, made whole
     + 2 * [*_CHUNK, *_CHECKPOINT, *_CHUNK, "out/params_#.txt", *_CHECKPOINT]             # iterations 1, 2
-    + [*_CHUNK, *_CHECKPOINT, *_CHUNK, "out/map.mrc", "out/map_filtered.mrc", *_CHECKPOINT]   # final maps
+    + [*_CHUNK, *_CHECKPOINT, *_CHUNK, "out/map.mrc", "out/map_filtered.mrc", "out/mask.mrc",          # final maps
+       *_CHECKPOINT]
     + ["out/fsc.png", "out/particles.star", "input.star", "out/checkpoint.npz"])        # the end; --write-headers
 
 
@@ -44,13 +45,13 @@ KILL_POINTS = ([("rename", n, when) for n in range(1, len(RENAMES) + 1) for when
 #: The default run's kill points, one of each state a kill can leave (the rest, marked slow, repeat one of these:
 #: e.g. a kill around any of a chunk's map writes leaves the same state): the output folder half made (1, 2),
 #: made whole (3), a chunk half written (5), around a mid-iteration checkpoint (7), after an iteration's params
-#: (12), the final maps written (35), between the last chunk's checkpoint and summary.json (37), after
-#: particles.star (39), around the input's replacement (40), after the very last write (41); and mid-alignment,
+#: (12), the final maps written (36), between the last chunk's checkpoint and summary.json (38), after
+#: particles.star (40), around the input's replacement (41), after the very last write (42); and mid-alignment,
 #: mid-insertion.
 DEFAULT_POINTS = {("rename", 1, "after"), ("rename", 2, "after"), ("rename", 3, "before"), ("rename", 3, "after"),
                   ("rename", 5, "after"), ("rename", 7, "before"), ("rename", 7, "after"), ("rename", 12, "after"),
-                  ("rename", 35, "after"), ("rename", 37, "before"), ("rename", 39, "after"),
-                  ("rename", 40, "before"), ("rename", 40, "after"), ("rename", 41, "after"),
+                  ("rename", 36, "after"), ("rename", 38, "before"), ("rename", 40, "after"),
+                  ("rename", 41, "before"), ("rename", 41, "after"), ("rename", 42, "after"),
                   ("align", 5, "before"), ("insert", 8, "before")}
 
 
@@ -204,7 +205,7 @@ def _kind(name: str) -> str:
 def test_the_run_makes_exactly_these_renames(whole):
     _, renames = whole
     assert [_kind(n) for n in renames] == RENAMES
-    assert len(RENAMES) == 41 and DEFAULT_POINTS <= set(KILL_POINTS)
+    assert len(RENAMES) == 42 and DEFAULT_POINTS <= set(KILL_POINTS)
 
 
 def _content(case: Path) -> dict:
