@@ -5,9 +5,9 @@ small particle that sphere holds mostly solvent: at box 128, a 107 kDa GPCR comp
 fills about 6 % of the box and the sphere 50 %, so most of the reference's voxels carry only noise into every
 projection, and the FSC measured over them understates the resolution and lets the tanh filter cut too low.
 :func:`adaptive_mask` keeps what the map itself shows to be particle, as cryoSPARC's dynamic masks and RELION's
-solvent masks do: the map low-passed to :data:`LOWPASS_A`, thresholded at a fraction of its maximum, its largest
-connected piece grown by :data:`DILATE_PX` pixels and given a :data:`EDGE_PX`-pixel raised-cosine edge, never
-beyond the sphere. refine uses it, where no mask file is given, for the FSC and as the user function's mask.
+solvent masks do: the map low-passed to :data:`LOWPASS_A`, thresholded at a fraction of its maximum, its
+connected pieces of at least :data:`MIN_PIECE` of the largest one's size grown by :data:`DILATE_PX` pixels and
+given an :data:`EDGE_PX`-pixel raised-cosine edge, never beyond the sphere. refine uses it, where no mask file is given, for the FSC and as the user function's mask.
 
 Measured (bench/bench_automask.py; gauge-removed median errors after 5 iterations with --CTF on 1,000 GPCR
 particles at SNR 0.05, box 128; after 3 on 2,000 70S particles at SNR 0.08, box 64): see bench/README.md.
@@ -42,8 +42,9 @@ def adaptive_mask(vol: np.ndarray, apix_A: float, sphere: np.ndarray, *, thresho
 
     Steps: the map low-passed by :func:`gpu_ali3d.resolution.filt_tanl` at ``apix_A / lowpass_A`` cycles per pixel
     (fall-off 0.2; no filtering where that is beyond Nyquist); voxels above the threshold inside the sphere; of
-    those the largest 6-connected piece (noise specks apart from the particle are dropped); then, with d the
-    Euclidean distance (pixels) to that piece, 1 where d <= dilate_px, ``0.5 (1 + cos(pi (d - dilate_px) /
+    those the 6-connected pieces of at least :data:`MIN_PIECE` times the largest one's voxels (noise specks apart
+    from the particle are dropped; a separate domain is kept); then, with d the Euclidean distance (pixels) to
+    them, 1 where d <= dilate_px, ``0.5 (1 + cos(pi (d - dilate_px) /
     edge_px))`` up to dilate_px + edge_px and 0 beyond; finally multiplied by ``sphere``. A map without a positive
     maximum inside the sphere (nothing to threshold) gives ``sphere`` itself.
     """

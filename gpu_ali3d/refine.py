@@ -229,7 +229,7 @@ def _setup(stack: ParticleStack, opts: RefineOptions, maskfile) -> _Setup:
         raise ValueError("--CTF given but the stack has no CTF parameters")
     return _Setup(ou=ou, mask=_mask(maskfile, stack.box, ou), half=_half_sets(stack, opts.seed),
                   ctf=stack.ctf if opts.CTF else None, automask=opts.automask if maskfile is None else 0.0,
-                  mask_text=(f"{Path(maskfile).name}" if maskfile is not None
+                  mask_text=(Path(maskfile).name if maskfile is not None
                              else f"automask {opts.automask:g}" if opts.automask > 0 else "sphere"))
 
 
