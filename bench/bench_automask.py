@@ -69,10 +69,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def _score(dataset: Path, outdir: Path) -> dict:
-    """score.py's JSON for the final poses, with the final map against the dataset's true map."""
+def _score(dataset: Path, outdir: Path, *, with_map: bool = True) -> dict:
+    """score.py's JSON for the final poses, with (with_map) the final map against the dataset's true map."""
+    extra = ["--map", str(outdir / "map.mrc")] if with_map else []
     proc = subprocess.run([sys.executable, str(TOOLS / "score.py"), str(dataset), str(outdir / "particles.star"),
-                           "--map", str(outdir / "map.mrc")], capture_output=True, text=True, check=True)
+                           *extra], capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -28,9 +28,12 @@ USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, NotImplementedError
 
 
 
-def _snr_value(text: str) -> float | None:
-    """--snr: a positive number, or 'auto' (None: Wiener terms from the half sets' FSC)."""
-    return None if text.strip().lower() == "auto" else float(text)
+def _snr_value(text: str) -> float | str | None:
+    """--snr: a positive number, 'auto' (None: Wiener terms from the half sets' FSC) or 'measured'."""
+    from .options import SNR_MEASURED
+
+    word = text.strip().lower()
+    return None if word == "auto" else SNR_MEASURED if word == SNR_MEASURED else float(text)
 
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
@@ -251,7 +254,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="-1 centre the data, 1 centre the reference, 0 none")
     r.add_argument("--CTF", action="store_true", default=d.CTF, help="use the CTF parameters of the particles")
     r.add_argument("--snr", type=_snr_value, default=d.snr,
-                   help="SNR of the reconstruction (SPARX's constant), or 'auto': per shell from the half sets' FSC")
+                   help="SNR of the reconstruction: 'measured' (default: from the alignment's scores, at least 1), a "
+                        "number (SPARX's constant, fixed) or 'auto' (per shell from the half sets' FSC)")
     r.add_argument("--sym", default=d.sym, help="point group: c1, cN, dN, tet, oct, icos")
     r.add_argument("--function", default=d.function, help="reference preparation: ref_ali3d or module:callable")
     r.add_argument("--npad", type=int, default=d.npad, help="padding factor of the reconstruction")

@@ -511,6 +511,28 @@ def _normalise_kernel(acc: FourierAccumulator, plus: FourierAccumulator | None, 
     return out
 
 
+#: snr_from_score's bounds: SPARX's default constant below, and a cap that keeps 1/snr above rounding.
+MEASURED_SNR_RANGE = (1.0, 1000.0)
+
+
+def snr_from_score(mean_cc: float | None) -> float:
+    """The reconstruction's SNR (the Wiener constant's, :func:`finish`) measured from an alignment's mean score.
+
+    mean_cc : the mean over the images of the objective's normalised correlation of each image with the
+    reference's CTF-weighted section at its refined pose, within the objective's band (None: no alignment yet).
+    For an image x = s + n and a section proportional to s, cc^2 = S / (S + N), so SNR = cc^2 / (1 - cc^2): the
+    images' SNR in the band, underestimated where the reference itself is in error. Returned within
+    :data:`MEASURED_SNR_RANGE`: SPARX's 1 where the measure is lower (trusting lower values measured worse:
+    1,000 GPCR particles at SNR 0.05, 5 iterations, 1.40 deg with snr 0.1 against 1.28 with 1) and at most 1000.
+    """
+    low, high = MEASURED_SNR_RANGE
+    if mean_cc is None or not np.isfinite(mean_cc) or mean_cc <= 0:
+        return low
+    cc2 = min(float(mean_cc), 1.0) ** 2
+    snr = cc2 / (1.0 - cc2) if cc2 < 1.0 else high
+    return min(high, max(low, snr))
+
+
 def wiener_regularisation(acc_a: FourierAccumulator, acc_b: FourierAccumulator, *,
                           fsc_range: tuple[float, float] = (1e-3, 0.999999), backend=None) -> np.ndarray:
     """Per-shell Wiener terms from the data: what :func:`finish` adds to the weights instead of SPARX's 1 / snr.

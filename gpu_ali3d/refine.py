@@ -61,6 +61,7 @@ class IterationRecord:
     simplex_steps: float | None = None      # mean simplex steps per image
     reconstruct_s: float | None = None      # wall time of the reconstructions, FSC and reference preparation
     align_s: float | None = None            # wall time of the alignment
+    snr: float | None = None                # the reconstruction's Wiener SNR (None: per-shell terms, --snr auto)
     wall_s: float = 0.0
 
 
@@ -551,7 +552,7 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
     say(f"gpu-ali3d local refinement: {n} particles, box {box}, {apix:g} A/px, ou {ou}, delta {opts.delta:g}, "
         f"ts {opts.ts:g}, maxit {opts.maxit}, chunk {opts.chunk:g}, CTF {'on' if ctf is not None else 'off'}, "
         f"sym {opts.sym}, interpolation {opts.interpolation}, insertion {opts.insertion}, "
-        f"snr {'auto' if opts.snr is None else f'{opts.snr:g}'}, "
+        f"snr {'auto' if opts.snr is None else opts.snr if isinstance(opts.snr, str) else f'{opts.snr:g}'}, "
         f"mask {setup.mask_text}, device {backend.name if backend else 'reference'}")
     say(f"memory estimate: {memory_estimate_bytes(n, box, opts, streamed=_streamed(n, box, opts)) / 2**20:.0f} MiB")
     free = backend.free_memory_bytes() if backend is not None else None
@@ -578,8 +579,9 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
             rec = IterationRecord(iteration, ic)
             if opts.center == -1:
                 poses = parallel.on_root(comm, lambda: centre_data(poses))   # one answer for every rank
+            rec.snr = reconstruction_snr(opts, state.records)
             volf, curve, (cutoff, falloff) = _reference(images, poses, half, ctf, apix, setup, opts, user_function,
-                                                        backend, outdir, iteration, ic, comm=comm, first=lo,
+                                                        backend, outdir, iteration, ic, snr=rec.snr, comm=comm, first=lo,
                                                         final=last and ic == len(chunks) - 1, scratch=scratch)
             rec.reconstruct_s = time.perf_counter() - t0
             state.curves.append((iteration, ic, curve))
@@ -648,7 +650,7 @@ def _write_headers(source_path: Path, original: ParticleStack, refined: Particle
 
 
 def _reference(images, poses, half, ctf, apix, setup, opts, user_function, backend, outdir, iteration, ic, *,
-               comm=None, first=0, final=False, scratch=None):
+               snr: float | None, comm=None, first=0, final=False, scratch=None):
     """Half maps, masked FSC, full map and the user function's reference; writes vol, volf and resolution.
     The mask of the FSC and of the user function is setup.mask, narrowed to the full map's envelope when
     setup.automask > 0 (:func:`gpu_ali3d.masking.adaptive_mask`; written as mask.mrc with the final maps).
@@ -657,7 +659,8 @@ def _reference(images, poses, half, ctf, apix, setup, opts, user_function, backe
     global poses, half and ctf; the half-set accumulators are summed on rank 0 (:func:`parallel.reduce_accumulator`,
     fixed order), which finishes, filters and writes, and every rank gets the same (volf, curve, tanh fit).
     final: the last reconstruction of the run; its maps are also written as map.mrc and map_filtered.mrc.
-    scratch: the insertion's zeroed fixed-point grid (reconstruct.new_scratch) to reuse, or None."""
+    scratch: the insertion's zeroed fixed-point grid (reconstruct.new_scratch) to reuse, or None.
+    snr: the Wiener constant's SNR (:func:`reconstruction_snr`), or None for per-shell terms from the FSC."""
     from .masking import adaptive_mask
     from .reconstruct import accumulate_halves, finish, insert_chunk, wiener_regularisation
     from .resolution import fit_tanh, fsc_mask, fsc_text
@@ -670,7 +673,7 @@ def _reference(images, poses, half, ctf, apix, setup, opts, user_function, backe
     # one rank: the accumulators stay on the device and are finished there (only the M^3 maps come back); several:
     # host copies, summed over the ranks (DESIGN.md, MPI) and finished on rank 0's host
     on_device = backend is not None and comm.size == 1
-    accs = accumulate_halves(images, poses, half=half, ctf=ctf, apix_A=apix, snr=opts.snr, sym=opts.sym,
+    accs = accumulate_halves(images, poses, half=half, ctf=ctf, apix_A=apix, snr=snr, sym=opts.sym,
                              npad=opts.npad, backend=backend, insertion=opts.insertion, on_device=on_device,
                              chunk=insert_chunk(images.shape[-1], opts.npad, opts.insertion), scratch=scratch)
     accs = [parallel.reduce_accumulator(acc, comm) for acc in accs]       # None off rank 0
@@ -678,7 +681,7 @@ def _reference(images, poses, half, ctf, apix, setup, opts, user_function, backe
 
     def prepare():
         # --snr: SPARX's constant; else per-shell Wiener terms from the half sets (reconstruct.wiener_regularisation)
-        lam = None if opts.snr is not None else wiener_regularisation(accs[0], accs[1], backend=where)
+        lam = None if snr is not None else wiener_regularisation(accs[0], accs[1], backend=where)
         even = finish(accs[0], regularisation=lam, backend=where)
         odd = finish(accs[1], regularisation=lam, backend=where)
         full = finish(accs[0], plus=accs[1], regularisation=lam, backend=where)
@@ -709,6 +712,20 @@ def _reference(images, poses, half, ctf, apix, setup, opts, user_function, backe
     curve, tanh = parallel.on_root(comm, prepare_on_root)
     volf = parallel.bcast_array(kept.get("volf"), comm)                   # chunked: no pickle of a large map
     return volf, curve, tanh
+
+
+def reconstruction_snr(opts: RefineOptions, records: list[IterationRecord]) -> float | None:
+    """The SNR of the next reconstruction's Wiener constant: ``opts.snr`` when it is a number (SPARX's fixed
+    constant) or None (``--snr auto``: per-shell terms, returned as None); for ``--snr measured``, the mean score
+    of the last alignment in ``records`` through :func:`gpu_ali3d.reconstruct.snr_from_score` (1 before the first).
+    Only the records decide it, so a resumed run and every MPI rank (whose records are the same) get the same."""
+    from .options import SNR_MEASURED
+    from .reconstruct import snr_from_score
+
+    if opts.snr != SNR_MEASURED:
+        return None if opts.snr is None else float(opts.snr)
+    scores = [r.criterion_after for r in records if r.criterion_after is not None]
+    return snr_from_score(scores[-1] if scores else None)
 
 
 # --------------------------------------------------------------------------------------------- image helpers
@@ -903,7 +920,7 @@ def _resolutions(curve, apix: float) -> tuple[float, float]:
 
 def _summary_line(rec: IterationRecord, maxit: int) -> str:
     head = f"iteration {rec.iteration + 1}/{maxit + 1} chunk {rec.chunk + 1}: FSC 0.5 {rec.fsc05_A:.2f} A, " \
-           f"0.143 {rec.fsc0143_A:.2f} A"
+           f"0.143 {rec.fsc0143_A:.2f} A" + ("" if rec.snr is None else f" (snr {rec.snr:.3g})")
     if rec.criterion_after is None:
         return head + f" (final reconstruction), {rec.wall_s:.1f} s"
     return (head + f", criterion {rec.criterion_before:.4f} -> {rec.criterion_after:.4f}, mean change "

@@ -8,7 +8,10 @@ def test_defaults_are_sparx_command_line_defaults():
     o = RefineOptions()
     # sxlocal_ali3d.py's current defaults (spec/local_ali3d.md, errata: --ts 2 and --center 0 since 2015)
     assert (o.ou, o.delta, o.ts, o.maxit, o.chunk, o.center) == (-1, 2.0, 2.0, 10, 1.0, 0)
-    assert (o.CTF, o.snr, o.sym, o.function, o.npad) == (False, 1.0, "c1", "ref_ali3d", 2)
+    assert (o.CTF, o.sym, o.function, o.npad) == (False, "c1", "ref_ali3d", 2)
+    # deliberate deviation: SPARX's fixed --snr 1.0 becomes "measured", which is 1.0 on noisy data
+    # (tests/test_measured_snr.py)
+    assert o.snr == "measured"
     assert (o.device, o.write_headers) == ("auto", False)
 
 
