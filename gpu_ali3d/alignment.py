@@ -40,7 +40,8 @@ POSE_DIM = 5
 
 
 def align_poses(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, backend, progress, label, *,
-                full_band: "FullBandImages | None" = None, rows: np.ndarray | None = None):
+                full_band: "FullBandImages | None" = None, rows: np.ndarray | None = None,
+                noise_spectrum: np.ndarray | None = None):
     """Refine the poses of some images against one reference by SPARX's amoeba over (phi, theta, psi, sx, sy).
 
     images : real (n, M, M), a host array or one of the backend's device (where a GPU run keeps them). poses : float64 (n, 5) host array, the start poses (degrees, pixels;
@@ -64,6 +65,9 @@ def align_poses(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, backe
         kept by refine for the run) and which of its images these are (int array; None: all, in order); each batch
         then takes its samples within the band from there instead of preparing ``images`` again (the same
         KernelImages bit for bit, so the same poses). ``images`` is then only read for its box.
+    noise_spectrum : None for SPARX's plain correlation, or the noise power per ring
+        (:func:`gpu_ali3d.noise.background_spectrum`) that whitens the objective (score.prepare_images ``whiten``;
+        a full_band given must have been prepared with the same one).
     """
     from tqdm import tqdm
 
@@ -96,7 +100,8 @@ def align_poses(images, poses, volf, ctf, apix, ou, opts, cutoff, falloff, backe
                                                          poses[sl], opts)
         else:
             prep = prepare_images(materialise(images[sl]), ou, ctf=ctf[sl] if ctf is not None else None,
-                                  apix_A=apix, kmax=kmax, image_pad=IMAGE_PAD, xp=np if backend is None else backend.xp)
+                                  apix_A=apix, kmax=kmax, image_pad=IMAGE_PAD, whiten=noise_spectrum,
+                                  xp=np if backend is None else backend.xp)
             if backend is None:
                 best, fbest, f0, evals, steps = _align_reference(ref, prep, poses[sl], opts)
             else:
@@ -153,10 +158,12 @@ class FullBandImages:
         return kernel_images(backend, prep)
 
 
-def prepare_full_band(images, ctf, apix: float, ou: float, backend, *, batch: int = 0) -> FullBandImages:
+def prepare_full_band(images, ctf, apix: float, ou: float, backend, *, batch: int = 0,
+                      noise_spectrum: np.ndarray | None = None) -> FullBandImages:
     """:class:`FullBandImages` of ``images`` (real (n, M, M), host or the backend's device) with their CTF
     (CTFParams of n or None), as score.prepare_images makes them for the alignment (pad 2, :data:`IMAGE_PAD`,
-    kmax N / 2), ``batch`` images at a time (0: :func:`alignment_batch`'s host budget)."""
+    kmax N / 2, whitened by ``noise_spectrum`` where one is given), ``batch`` images at a time (0:
+    :func:`alignment_batch`'s host budget)."""
     from .score import prepare_images
 
     xp = backend.xp
@@ -166,7 +173,7 @@ def prepare_full_band(images, ctf, apix: float, ou: float, backend, *, batch: in
     for start in range(0, n, size):
         sl = slice(start, min(start + size, n))
         prep = prepare_images(materialise(images[sl]), ou, ctf=ctf[sl] if ctf is not None else None, apix_A=apix,
-                              kmax=None, image_pad=IMAGE_PAD, xp=xp)
+                              kmax=None, image_pad=IMAGE_PAD, whiten=noise_spectrum, xp=xp)
         parts.append((prep.data.astype(np.complex64), None if prep.ctf is None else prep.ctf.astype(np.float32),
                       xp.abs(prep.data) ** 2))
         freqs, weights, n_pad = prep.freqs, prep.weights, prep.N

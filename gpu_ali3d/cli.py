@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .options import DEVICES, INTERPOLATIONS, RefineOptions
+from .options import DEVICES, INTERPOLATIONS, OBJECTIVES, RefineOptions
 
 #: Options that --continue accepts: where it runs and how it reports, not what it computes.
 _CONTINUE_MAY_CHANGE = ("device", "batch", "debug", "image_budget")
@@ -279,6 +279,9 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--automask", type=float, default=d.automask, metavar="FRACTION",
                    help="without a mask file, mask the FSC and the reference by the particle's envelope in each "
                         "map, thresholded at this fraction of its maximum; 0: the sphere of radius ou (SPARX)")
+    r.add_argument("--objective", default=d.objective, choices=OBJECTIVES,
+                   help="what the alignment maximises: SPARX's correlation (plain), or the correlation of image "
+                        "and projection whitened by the noise spectrum of the images' background (whitened)")
     r.add_argument("--interpolation", default=d.interpolation, choices=INTERPOLATIONS,
                    help="reference sampling in the objective: Kaiser-Bessel (SPARX) or trilinear (faster)")
     r.set_defaults(run=_cmd_refine)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 DEVICES = ("auto", "cpu", "gpu", "reference")
 INTERPOLATIONS = ("kb", "trilinear")
+#: --objective: SPARX's plain correlation, or the correlation of the noise-whitened image and projection.
+OBJECTIVES = ("plain", "whitened")
 _FUNCTION_RE = re.compile(r"^[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?$")
 
 
@@ -75,6 +77,13 @@ class RefineOptions:
         (1,000 GPCR particles at box 128, SNR 0.05, 5 iterations) the median angle error falls from 1.72 to 1.28
         deg and the shift error from 0.28 to 0.23 px; on 2,000 70S particles that fill their sphere (box 64) it
         is unchanged (1.72 and 1.71 deg). The final mask is written as mask.mrc.
+    objective : what the alignment maximises. "plain" (SPARX): the normalised correlation of the masked image with
+        the CTF-multiplied projection, every Fourier sample within the band weighted alike. "whitened": both
+        divided first by the noise's amplitude at each frequency, estimated once per run from the images'
+        background beyond the mask (:func:`gpu_ali3d.noise.background_spectrum`, written as
+        noise_spectrum.txt), so each frequency counts by its signal-to-noise ratio, as in RELION's likelihood
+        (1 / sigma^2 per ring). On white noise (simulations) the two are the same up to the estimate's own noise;
+        on coloured noise, as in micrographs, the whitened objective is the matched filter (bench/bench_objective.py).
     image_budget : MiB of host memory a rank's images may take (float32); a rank whose images need more reads them
         batch by batch from their files for the reconstruction and the alignment (memory-mapped MRC stacks, HDF
         image by image) instead of holding them: the same poses, slower by the reads. What is read at once is one
@@ -105,6 +114,7 @@ class RefineOptions:
     batch: int = 0
     image_budget: int = 0
     automask: float = 0.1
+    objective: str = "plain"
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -159,6 +169,8 @@ class RefineOptions:
                 and 0 <= self.automask < 1):
             raise ValueError(f"--automask {self.automask!r}: the threshold is a fraction of the map's maximum, "
                              "0 < t < 1, or 0 for SPARX's sphere of radius ou alone")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"--objective {self.objective!r}: expected one of {', '.join(OBJECTIVES)}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"--interpolation {self.interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
 

@@ -140,8 +140,7 @@ def continue_local_ali3d(outdir, *, progress: bool = True, **changes) -> RefineR
     with parallel.abort_on_error(comm):
         outdir = Path(outdir)
         job = parallel.on_root(comm, lambda: _load_job(outdir))       # only rank 0 reads outdir
-        # a run from before --automask existed masked by the sphere alone: it goes on doing so
-        opts = replace(RefineOptions(**{"automask": 0.0, **job["options"]}), **changes)
+        opts = replace(job_options(job), **changes)
         if job["stack"] is None:
             raise ValueError(f"{outdir}: the run was given an in-memory stack; it cannot be resumed from files")
         # what would fail at the end (or at the first write) fails now, before any work
@@ -360,6 +359,17 @@ def _write_probe(folder: Path) -> OSError | None:
     return None
 
 
+#: What a run recorded before an option existed did, for a job.json without it: before --automask the FSC and the
+#: reference were masked by the sphere alone, before --objective the alignment used the plain correlation.
+OPTIONS_BEFORE_THEY_EXISTED = {"automask": 0.0, "objective": "plain"}
+
+
+def job_options(job: dict) -> RefineOptions:
+    """The RefineOptions of a job.json (:func:`_load_job`), with :data:`OPTIONS_BEFORE_THEY_EXISTED` for the
+    options it does not record, so that a continued run goes on as it began."""
+    return RefineOptions(**{**OPTIONS_BEFORE_THEY_EXISTED, **job["options"]})
+
+
 def _load_job(outdir: Path) -> dict:
     job_path = outdir / "job.json"
     if not job_path.is_file():
@@ -551,7 +561,8 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
         say(f"resuming at iteration {state.next_iteration + 1}, chunk {state.next_chunk + 1}")
     say(f"gpu-ali3d local refinement: {n} particles, box {box}, {apix:g} A/px, ou {ou}, delta {opts.delta:g}, "
         f"ts {opts.ts:g}, maxit {opts.maxit}, chunk {opts.chunk:g}, CTF {'on' if ctf is not None else 'off'}, "
-        f"sym {opts.sym}, interpolation {opts.interpolation}, insertion {opts.insertion}, "
+        f"sym {opts.sym}, objective {opts.objective}, interpolation {opts.interpolation}, "
+        f"insertion {opts.insertion}, "
         f"snr {'auto' if opts.snr is None else opts.snr if isinstance(opts.snr, str) else f'{opts.snr:g}'}, "
         f"mask {setup.mask_text}, device {backend.name if backend else 'reference'}")
     say(f"memory estimate: {memory_estimate_bytes(n, box, opts, streamed=_streamed(n, box, opts)) / 2**20:.0f} MiB")
@@ -566,9 +577,11 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
     # the insertion's fixed-point grid, kept over the iterations (insert_unscale leaves it zeroed)
     scratch = None if backend is None else new_scratch(backend, opts.npad * box)
     poses = state.poses
+    aligns = state.next_iteration < opts.maxit
+    spectrum = noise_spectrum(stack, ou, opts, comm, outdir if root else None) if aligns else None
     # the images prepared once for the alignment (None: prepared per batch), when this run still aligns
-    full_band = (_full_band(images, None if ctf is None else ctf[lo:hi], apix, ou, opts, backend, say)
-                 if state.next_iteration < opts.maxit else None)
+    full_band = (_full_band(images, None if ctf is None else ctf[lo:hi], apix, ou, opts, backend, say,
+                            noise_spectrum=spectrum) if aligns else None)
     chunks = _chunks(n, opts.chunk)
     for iteration in range(state.next_iteration, opts.maxit + 1):
         last = iteration == opts.maxit
@@ -595,7 +608,8 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
                                                              ctf[mine] if ctf is not None else None,
                                                              apix, ou, opts, cutoff, falloff, backend, progress,
                                                              f"iteration {iteration + 1}/{opts.maxit}",
-                                                             full_band=full_band, rows=mine - lo)
+                                                             full_band=full_band, rows=mine - lo,
+                                                             noise_spectrum=spectrum)
                 if comm.size > 1:       # blocks are contiguous and in rank order: concatenation is chunk order
                     new, before, after = (np.concatenate(comm.allgather(a)) for a in (new, before, after))
                     work = np.sum(comm.allgather(work), axis=0)
@@ -782,7 +796,33 @@ def _resident_images(images: np.ndarray, backend, say):
 FULL_BAND_FRACTION = 0.25
 
 
-def _full_band(images, ctf, apix: float, ou: float, opts: RefineOptions, backend, say):
+def noise_spectrum(stack: ParticleStack, ou: int, opts: RefineOptions, comm=None,
+                   outdir: Path | None = None) -> np.ndarray | None:
+    """The noise power per ring that whitens the objective (``--objective whitened``), or None (plain).
+
+    Estimated from the background of an evenly spaced subset of the whole stack (:func:`gpu_ali3d.noise.subset_rows`,
+    at most noise.MAX_IMAGES images, read here) by :func:`gpu_ali3d.noise.background_spectrum`, on the root only and
+    broadcast: every rank, for any number of ranks, whitens by the same spectrum. outdir (the root's): the spectrum
+    is also written there as noise_spectrum.txt (ring, resolution in A, relative power)."""
+    from .noise import background_spectrum, spectrum_text, subset_rows
+    from .score import MASK_EDGE_PX
+
+    if opts.objective != "whitened":
+        return None
+
+    def estimate():
+        rows = subset_rows(len(stack))
+        spectrum = background_spectrum(np.asarray(StreamedImages(stack.images, rows)), ou, MASK_EDGE_PX)
+        if outdir is not None:
+            with atomic_path(outdir / "noise_spectrum.txt", overwrite=True) as tmp:
+                tmp.write_text(spectrum_text(spectrum, stack.box, stack.apix_A))
+        return spectrum
+
+    return parallel.on_root(parallel.SerialComm() if comm is None else comm, estimate)
+
+
+def _full_band(images, ctf, apix: float, ou: float, opts: RefineOptions, backend, say, *,
+               noise_spectrum: np.ndarray | None = None):
     """The rank's images prepared once for the alignment (alignment.prepare_full_band), or None (prepare them per
     batch, each iteration) for the numpy reference path, a rank without particles, streamed images (beyond the
     budget already) and where they would take more than :data:`FULL_BAND_FRACTION` of the memory available where
@@ -797,7 +837,7 @@ def _full_band(images, ctf, apix: float, ou: float, opts: RefineOptions, backend
         say(f"alignment: the images prepared once would take {nbytes / 2**20:.0f} MiB, more than "
             f"{FULL_BAND_FRACTION:.0%} of the {free / 2**20:.0f} MiB available; they are prepared each iteration")
         return None
-    return prepare_full_band(images, ctf, apix, ou, backend, batch=opts.batch)
+    return prepare_full_band(images, ctf, apix, ou, backend, batch=opts.batch, noise_spectrum=noise_spectrum)
 
 
 def _available_host_bytes() -> int | None:

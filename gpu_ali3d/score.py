@@ -108,7 +108,7 @@ def soft_mask(M: int, ou: float, edge_px: float = MASK_EDGE_PX) -> np.ndarray:
 
 def prepare_images(images, ou: float, *, ctf: CTFParams | None = None, apix_A: float = 1.0, pad: int = PAD,
                    kmax: float | None = None, edge_px: float = MASK_EDGE_PX,
-                   image_pad: int | None = None, xp=np) -> PreparedImages:
+                   image_pad: int | None = None, whiten: np.ndarray | None = None, xp=np) -> PreparedImages:
     """Mask, normalise, zero-pad and Fourier-transform the data images once; keep the samples within kmax.
 
     images : real array (n, M, M) (or (M, M)), float32 or float64, numpy order (y, x), centre at (M // 2, M // 2).
@@ -122,6 +122,12 @@ def prepare_images(images, ou: float, *, ctf: CTFParams | None = None, apix_A: f
         samples. The objective is the same correlation either way up to the projection's wrap-around on the
         M x M grid, which is nil when the reference is confined to a sphere inside the box (refinement masks it
         with radius ou < M / 2): tests/test_score.py measures the difference.
+
+    whiten : a noise power spectrum per ring of the M x M grid (:func:`gpu_ali3d.noise.background_spectrum`), or
+        None. Given, every kept sample of the data and of the CTF is multiplied by
+        :func:`gpu_ali3d.noise.whitening_weights` (1 / sqrt(noise power) there; without a CTF the weights stand
+        in for it, so ``ctf`` is then never None) and ``power`` is that of the whitened data: the objective
+        correlates the whitened image with the whitened projection (the whitened objective, --objective).
 
     xp : the array module the work runs on: numpy (scipy.fft), or cupy (cupy.fft), where ``images`` may already be
         on the device (else they go up once, in their own dtype); the checks cost one sync. ``data``, ``ctf`` and
@@ -202,6 +208,12 @@ def prepare_images(images, ou: float, *, ctf: CTFParams | None = None, apix_A: f
         ctf_values = evaluate(ctf, freqs[:, 0] / (n * apix_A), freqs[:, 1] / (n * apix_A), xp=xp)
         if ctf_values.shape[0] != n_img:                                    # one CTF for all the images
             ctf_values = ctf_values * xp.ones((n_img, 1))
+    if whiten is not None:
+        from .noise import whitening_weights
+
+        w = xp.asarray(whitening_weights(whiten, freqs, n, m))
+        data = data * w
+        ctf_values = (xp.ones((n_img, 1)) if ctf_values is None else ctf_values) * w
     power = xp.einsum("s,ns->n", xp.asarray(weights), xp.abs(data) ** 2)
     return PreparedImages(freqs=freqs, weights=weights, data=data, ctf=ctf_values, power=power, M=m, N=n,
                           pad=int(pad), image_pad=int(image_pad), ou=float(ou), kmax=kmax, apix_A=float(apix_A))

@@ -162,14 +162,23 @@ def relion_noisy(shared_data):
         (cutoff, falloff), truth.poses[sub]
 
 
-@pytest.mark.parametrize("interpolation", ["kb", "trilinear"])
-def test_align_poses_fused_matches_the_reference_path(backend, relion_noisy, interpolation):
+#: A falling noise spectrum per ring of a 64-pixel box (rings 0..32), as a micrograph's: the whitened objective's.
+FALLING_SPECTRUM = 1.0 + 4.0 / (1.0 + (np.arange(33) / 6.0) ** 2)
+
+
+@pytest.mark.parametrize("interpolation,spectrum", [("kb", None), ("trilinear", None),
+                                                    ("trilinear", FALLING_SPECTRUM)], ids=["kb", "trilinear",
+                                                                                            "trilinear-whitened"])
+def test_align_poses_fused_matches_the_reference_path(backend, relion_noisy, interpolation, spectrum):
     """One alignment of 32 noisy particles (CTF on, two batches): the fused float32 kernel against the numpy
-    float64 objective with amoeba_batched. Issue 15's criterion: median pose difference < 0.01 deg."""
+    float64 objective with amoeba_batched, plain and whitened. Issue 15's criterion: median pose difference
+    < 0.01 deg."""
     images, start, ctf, apix, volf, (cutoff, falloff), truth = relion_noisy
     opts = RefineOptions(interpolation=interpolation, batch=20)
-    fused = align_poses(images, start, volf, ctf, apix, 30, opts, cutoff, falloff, backend, False, "fused")
-    reference = align_poses(images, start, volf, ctf, apix, 30, opts, cutoff, falloff, None, False, "reference")
+    fused = align_poses(images, start, volf, ctf, apix, 30, opts, cutoff, falloff, backend, False, "fused",
+                        noise_spectrum=spectrum)
+    reference = align_poses(images, start, volf, ctf, apix, 30, opts, cutoff, falloff, None, False, "reference",
+                            noise_spectrum=spectrum)
     angle = angular_distance(fused[0], reference[0])
     shift = shift_distance(fused[0], reference[0])
     assert np.median(angle) < 0.01 and np.median(shift) < 0.01, (np.median(angle), np.median(shift))
@@ -194,11 +203,11 @@ def _kernel_images_equal(a, b, xp_host):
     assert (a.N, a.k_index, a.k_reach) == (b.N, b.k_index, b.k_reach)
 
 
-@pytest.mark.parametrize("with_ctf", [True, False])
-def test_full_band_images_give_each_band_bit_for_bit(backend, rng, with_ctf):
+@pytest.mark.parametrize("with_ctf,whitened", [(True, False), (False, False), (True, True), (False, True)])
+def test_full_band_images_give_each_band_bit_for_bit(backend, rng, with_ctf, whitened):
     """Images prepared once at every frequency (prepare_full_band, two batches) and cut to a band limit give the
     KernelImages that preparing those images for that band gives, for bands from a few pixels to Nyquist and for
-    a subset of the images in another order (a chunk of a run)."""
+    a subset of the images in another order (a chunk of a run); whitened alike where a noise spectrum is given."""
     n, M = 9, 32
     vol = smooth_random_map(rng, M)
     ref = gridding.prepare_reference(vol)
@@ -206,13 +215,14 @@ def test_full_band_images_give_each_band_bit_for_bit(backend, rng, with_ctf):
                              rng.uniform(-3, 3, (n, 2))])
     ctf = _random_ctf(rng, n) if with_ctf else None
     images = gridding.project_reference(ref, poses, ctf=ctf, apix_A=4.0) + rng.standard_normal((n, M, M))
-    full = prepare_full_band(images, ctf, 4.0, 13, backend, batch=4)
+    spectrum = FALLING_SPECTRUM[:M // 2 + 1] if whitened else None
+    full = prepare_full_band(images, ctf, 4.0, 13, backend, batch=4, noise_spectrum=spectrum)
     assert len(full) == n
     rows = np.array([7, 2, 3, 0])
     for kmax in (4.0, 11.3, 20.0, float(M)):
         got = full.band(backend, kmax, rows)
         prep = score.prepare_images(images[rows], 13, ctf=None if ctf is None else ctf[rows], apix_A=4.0,
-                                    kmax=kmax, image_pad=1, xp=backend.xp)
+                                    kmax=kmax, image_pad=1, whiten=spectrum, xp=backend.xp)
         _kernel_images_equal(got, kernels.kernel_images(backend, prep), backend.to_host)
 
 
