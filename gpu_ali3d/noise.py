@@ -20,6 +20,8 @@ import numpy as np
 POWER_FLOOR = 0.05
 #: Background pixels an image must have for the estimate (beyond the mask and its soft edge, inside the box).
 MIN_BACKGROUND_PIXELS = 64
+#: Images read and transformed at a time (float64): a bounded working set at any box.
+BLOCK = 64
 #: Images the estimate takes at most: an evenly spaced subset of the stack (the same one for any number of ranks).
 MAX_IMAGES = 1000
 
@@ -46,8 +48,8 @@ def subset_rows(n: int, most: int = MAX_IMAGES) -> np.ndarray:
 
 
 def background_spectrum(images, ou: float, edge_px: float) -> np.ndarray:
-    """The noise power per ring of ``images`` (real (n, M, M), numpy order, centre (M // 2, M // 2)), from their
-    background (:func:`background_mask`).
+    """The noise power per ring of ``images`` (real (n, M, M), numpy order, centre (M // 2, M // 2); an array or
+    an io.stack.StreamedImages, read :data:`BLOCK` images at a time), from their background (:func:`background_mask`).
 
     Each image's background pixels, less their mean, are weighted by the mask, Fourier transformed, divided by
     their mask-weighted variance (a shape, not a level), and |F|^2 summed per ring over the images and divided by
@@ -57,10 +59,10 @@ def background_spectrum(images, ou: float, edge_px: float) -> np.ndarray:
     Raises ValueError when the background has fewer than :data:`MIN_BACKGROUND_PIXELS` pixels (ou too close to
     the box edge) or no image has any variance there.
     """
-    imgs = np.asarray(images, dtype=np.float64)
+    imgs = images if hasattr(images, "shape") and hasattr(images, "ndim") else np.asarray(images)
     if imgs.ndim == 2:
-        imgs = imgs[None]
-    if imgs.ndim != 3 or imgs.shape[1] != imgs.shape[2] or len(imgs) == 0:
+        imgs = np.asarray(imgs)[None]
+    if imgs.ndim != 3 or imgs.shape[1] != imgs.shape[2] or imgs.shape[0] == 0:
         raise ValueError(f"images must be a non-empty (n, M, M) stack; got shape {tuple(imgs.shape)}")
     m = imgs.shape[1]
     bmask = background_mask(m, ou, edge_px)
@@ -71,8 +73,8 @@ def background_spectrum(images, ou: float, edge_px: float) -> np.ndarray:
     wsum = bmask.sum()
     total = np.zeros(rings.max() + 1)
     used = 0
-    for start in range(0, len(imgs), 256):
-        block = imgs[start:start + 256]
+    for start in range(0, imgs.shape[0], BLOCK):
+        block = np.asarray(imgs[start:start + BLOCK], dtype=np.float64)      # read (StreamedImages) block by block
         mean = np.einsum("nyx,yx->n", block, bmask) / wsum
         centred = (block - mean[:, None, None]) * bmask
         var = np.einsum("nyx,yx->n", centred ** 2, bmask) / wsum

@@ -812,7 +812,7 @@ def noise_spectrum(stack: ParticleStack, ou: int, opts: RefineOptions, comm=None
 
     def estimate():
         rows = subset_rows(len(stack))
-        spectrum = background_spectrum(np.asarray(StreamedImages(stack.images, rows)), ou, MASK_EDGE_PX)
+        spectrum = background_spectrum(StreamedImages(stack.images, rows), ou, MASK_EDGE_PX)      # read in blocks
         if outdir is not None:
             with atomic_path(outdir / "noise_spectrum.txt", overwrite=True) as tmp:
                 tmp.write_text(spectrum_text(spectrum, stack.box, stack.apix_A))

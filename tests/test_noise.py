@@ -224,3 +224,25 @@ def test_gpu_path_whitens_on_the_device(tmp_path):
         assert counts.syncs <= SYNCS_PER_BATCH * batches, counts.summary(6)
     np.testing.assert_array_equal(gpu.result.poses, cpu.poses)
     assert (tmp_path / "gpu" / "noise_spectrum.txt").read_text() == (tmp_path / "cpu" / "noise_spectrum.txt").read_text()
+
+
+def test_streamed_images_are_read_block_by_block(shared_data):
+    """refine's estimate reads the stack's subset as StreamedImages, BLOCK images per read: the spectrum of the
+    images in memory, and no read of more than a block."""
+    from gpu_ali3d.io.formats import read_stack
+    from gpu_ali3d.io.stack import StreamedImages
+
+    stack = read_stack(shared_data / "relion_sim" / "noisy" / "start.star")
+    rows = noise.subset_rows(len(stack), most=150)
+    source, reads = stack.images, []
+    real_read = source.read
+
+    def counted(indices):
+        reads.append(len(indices))
+        return real_read(indices)
+
+    source.read = counted
+    streamed = noise.background_spectrum(StreamedImages(source, rows), 30, MASK_EDGE_PX)
+    source.read = real_read
+    np.testing.assert_array_equal(streamed, noise.background_spectrum(stack.read_images(rows), 30, MASK_EDGE_PX))
+    assert max(reads) <= noise.BLOCK and sum(reads) == len(rows), reads
