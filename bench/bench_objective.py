@@ -12,23 +12,16 @@ with the other options at their defaults (bench/side_by_side.py: the table's col
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.side_by_side import side_by_side  # noqa: E402
+from bench.side_by_side import command  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("datasets", nargs="+", help="DATASET:MAXIT, DATASET a folder with start.star and truth.star")
-    ap.add_argument("--variants", nargs="+", default=["plain", "whitened"], help="--objective values")
-    ap.add_argument("--out", type=Path)
-    a = ap.parse_args(argv)
-    side_by_side(a.datasets, "objective", a.variants, str, a.out, "objective")
-    return 0
+    return command(argv, __doc__.split("\n\n")[0], "objective", ["plain", "whitened"], str, "objective")
 
 
 if __name__ == "__main__":

@@ -15,26 +15,18 @@ JSON to ``bench/results/snr_<host>.json`` (``--out``).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.side_by_side import side_by_side  # noqa: E402
+from bench.side_by_side import command  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("datasets", nargs="+", help="DATASET:MAXIT, DATASET a folder with start.star and truth.star")
-    ap.add_argument("--variants", nargs="+", default=["measured", "1", "1000", "auto"],
-                    help="--snr values: measured, a number, auto")
-    ap.add_argument("--out", type=Path)
-    a = ap.parse_args(argv)
     from gpu_ali3d.cli import _snr_value
 
-    side_by_side(a.datasets, "snr", a.variants, _snr_value, a.out, "snr")
-    return 0
+    return command(argv, __doc__.split("\n\n")[0], "snr", ["measured", "1", "1000", "auto"], _snr_value, "snr")
 
 
 if __name__ == "__main__":

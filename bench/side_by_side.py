@@ -10,6 +10,7 @@ true map (``ref.mrc``), the final map's FSC 0.143 against it.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -60,3 +61,16 @@ def side_by_side(specs: list[str], option: str, values: list[str], convert: Call
                               indent=1))
     print(f"wrote {_shown(out)}")
     return rows
+
+
+def command(argv, description: str, option: str, defaults: list[str], convert: Callable[[str], object],
+            stem: str) -> int:
+    """The command line of a side-by-side script: DATASET:MAXIT ..., --variants (values of ``option``, default
+    ``defaults``), --out; runs :func:`side_by_side`."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("datasets", nargs="+", help="DATASET:MAXIT, DATASET a folder with start.star and truth.star")
+    ap.add_argument("--variants", nargs="+", default=defaults, help=f"--{option.replace('_', '-')} values")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args(argv)
+    side_by_side(a.datasets, option, a.variants, convert, a.out, stem)
+    return 0
