@@ -34,6 +34,11 @@ def background_mask(M: int, ou: float, edge_px: float) -> np.ndarray:
     return 1.0 - soft_mask(M, ou + edge_px, edge_px)
 
 
+def background_pixels(M: int, ou: float, edge_px: float) -> int:
+    """How many pixels of an M-pixel box lie in the background (:func:`background_mask` above 0.5)."""
+    return int(np.count_nonzero(background_mask(M, ou, edge_px) > 0.5))
+
+
 def ring_index(M: int) -> np.ndarray:
     """int64 (M, M): the ring (round |k|, Fourier pixels of the M grid) of each sample of ``np.fft.fft2``'s layout."""
     k = np.fft.fftfreq(M) * M
@@ -66,8 +71,8 @@ def background_spectrum(images, ou: float, edge_px: float) -> np.ndarray:
         raise ValueError(f"images must be a non-empty (n, M, M) stack; got shape {tuple(imgs.shape)}")
     m = imgs.shape[1]
     bmask = background_mask(m, ou, edge_px)
-    if np.count_nonzero(bmask > 0.5) < MIN_BACKGROUND_PIXELS:
-        raise ValueError(f"a mask of radius {ou} leaves {np.count_nonzero(bmask > 0.5)} background pixels in a "
+    if background_pixels(m, ou, edge_px) < MIN_BACKGROUND_PIXELS:
+        raise ValueError(f"a mask of radius {ou} leaves {background_pixels(m, ou, edge_px)} background pixels in a "
                          f"{m}-pixel box: too few to estimate the noise; use a smaller ou or --objective plain")
     rings = ring_index(m)
     wsum = bmask.sum()

@@ -561,7 +561,7 @@ def _run(stack, source_path, outdir, opts, setup: _Setup, state: _State, progres
         say(f"resuming at iteration {state.next_iteration + 1}, chunk {state.next_chunk + 1}")
     say(f"gpu-ali3d local refinement: {n} particles, box {box}, {apix:g} A/px, ou {ou}, delta {opts.delta:g}, "
         f"ts {opts.ts:g}, maxit {opts.maxit}, chunk {opts.chunk:g}, CTF {'on' if ctf is not None else 'off'}, "
-        f"sym {opts.sym}, objective {opts.objective}, interpolation {opts.interpolation}, "
+        f"sym {opts.sym}, objective {alignment_objective(opts, box, ou)[1]}, interpolation {opts.interpolation}, "
         f"insertion {opts.insertion}, "
         f"snr {'auto' if opts.snr is None else opts.snr if isinstance(opts.snr, str) else f'{opts.snr:g}'}, "
         f"mask {setup.mask_text}, device {backend.name if backend else 'reference'}")
@@ -796,9 +796,25 @@ def _resident_images(images: np.ndarray, backend, say):
 FULL_BAND_FRACTION = 0.25
 
 
+def alignment_objective(opts: RefineOptions, box: int, ou: int) -> tuple[str, str]:
+    """The objective a run aligns with, "plain" or "whitened", and its words for the start line: --objective as
+    given, or for "auto" whitened where a box-pixel image leaves noise.MIN_BACKGROUND_PIXELS background pixels
+    beyond the mask of radius ou and its edge (the noise estimate's need), else plain."""
+    from .noise import MIN_BACKGROUND_PIXELS, background_pixels
+    from .score import MASK_EDGE_PX
+
+    if opts.objective != "auto":
+        return opts.objective, opts.objective
+    pixels = background_pixels(box, ou, MASK_EDGE_PX)
+    if pixels >= MIN_BACKGROUND_PIXELS:
+        return "whitened", "whitened (auto)"
+    return "plain", (f"plain (auto: a mask of radius {ou} leaves {pixels} background pixels in the box, fewer than "
+                     f"the {MIN_BACKGROUND_PIXELS} the noise estimate needs)")
+
+
 def noise_spectrum(stack: ParticleStack, ou: int, opts: RefineOptions, comm=None,
                    outdir: Path | None = None) -> np.ndarray | None:
-    """The noise power per ring that whitens the objective (``--objective whitened``), or None (plain).
+    """The noise power per ring that whitens the objective (:func:`alignment_objective` whitened), or None (plain).
 
     Estimated from the background of an evenly spaced subset of the whole stack (:func:`gpu_ali3d.noise.subset_rows`,
     at most noise.MAX_IMAGES images, read here) by :func:`gpu_ali3d.noise.background_spectrum`, on the root only and
@@ -807,7 +823,7 @@ def noise_spectrum(stack: ParticleStack, ou: int, opts: RefineOptions, comm=None
     from .noise import background_spectrum, spectrum_text, subset_rows
     from .score import MASK_EDGE_PX
 
-    if opts.objective != "whitened":
+    if alignment_objective(opts, stack.box, ou)[0] != "whitened":
         return None
 
     def estimate():

@@ -196,6 +196,41 @@ def test_a_job_from_before_the_option_continues_plain():
     assert job_options({"options": {"maxit": 3, "objective": "whitened"}}).objective == "whitened"
 
 
+def test_auto_whitens_where_the_box_leaves_background():
+    """The default objective (auto) is whitened where the background beyond the mask and its edge has at least
+    noise.MIN_BACKGROUND_PIXELS pixels, and plain, saying why, where it has fewer; an explicit choice stays."""
+    from gpu_ali3d.options import RefineOptions
+    from gpu_ali3d.refine import alignment_objective
+
+    assert RefineOptions().objective == "auto"
+    assert alignment_objective(RefineOptions(), 64, 30) == ("whitened", "whitened (auto)")
+    few = noise.background_pixels(16, 6, MASK_EDGE_PX)
+    assert 0 < few < noise.MIN_BACKGROUND_PIXELS
+    chosen, words = alignment_objective(RefineOptions(), 16, 6)
+    assert chosen == "plain" and f"leaves {few} background pixels" in words
+    assert alignment_objective(RefineOptions(objective="plain"), 64, 30) == ("plain", "plain")
+    assert alignment_objective(RefineOptions(objective="whitened"), 16, 6)[0] == "whitened"
+    # the count is the background_mask's pixels beyond one half: the pixels background_spectrum reads
+    assert noise.background_pixels(64, 30, MASK_EDGE_PX) == np.count_nonzero(
+        noise.background_mask(64, 30, MASK_EDGE_PX) > 0.5)
+
+
+def test_a_run_with_the_default_says_and_writes_its_spectrum(tmp_path, capsys):
+    """A refinement with the default objective on a box with room for the background whitens: the start line says
+    so and the run writes noise_spectrum.txt; job.json keeps 'auto', which a resume resolves the same way."""
+    from gpu_ali3d.refine import local_ali3d
+    from gpu_ali3d.io.formats import write_stack
+    from gpu_ali3d.simulate import phantom, simulate
+
+    stack, _ = simulate(phantom(32), 40, apix_A=3.0, snr=1.0, angle_error_deg=2.0, shift_error_px=0.5, ctf=True,
+                        rng=np.random.default_rng(5))
+    write_stack(stack, tmp_path / "sim.star")
+    local_ali3d(str(tmp_path / "sim.star"), tmp_path / "out", CTF=True, maxit=1, device="cpu", progress=False)
+    assert "objective whitened (auto)" in capsys.readouterr().out
+    assert (tmp_path / "out" / "noise_spectrum.txt").is_file()
+    assert json.loads((tmp_path / "out" / "job.json").read_text())["options"]["objective"] == "auto"
+
+
 def test_objective_option_is_checked():
     from gpu_ali3d.options import RefineOptions
 
