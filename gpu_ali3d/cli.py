@@ -281,7 +281,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         "map, thresholded at this fraction of its maximum; 0: the sphere of radius ou (SPARX)")
     r.add_argument("--objective", default=d.objective, choices=OBJECTIVES,
                    help="what the alignment maximises: SPARX's correlation (plain), or the correlation of image "
-                        "and projection whitened by the noise spectrum of the images' background (whitened)")
+                        "and projection whitened by the noise spectrum of the images' background (whitened); auto: "
+                        "whitened where the box leaves room beyond ou to estimate the noise, else plain")
     r.add_argument("--interpolation", default=d.interpolation, choices=INTERPOLATIONS,
                    help="reference sampling in the objective: Kaiser-Bessel (SPARX) or trilinear (faster)")
     r.set_defaults(run=_cmd_refine)
