@@ -17,14 +17,14 @@ Run (from the repository root)::
 """
 from __future__ import annotations
 
-import argparse
-import json
-import shutil
 import sys
 from pathlib import Path
 
-import mrcfile
 import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import derived_dataset  # noqa: E402
 
 
 def coloured_noise(rng: np.random.Generator, n: int, m: int, amplitude: float, k0: float) -> np.ndarray:
@@ -37,34 +37,23 @@ def coloured_noise(rng: np.random.Generator, n: int, m: int, amplitude: float, k
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("dataset", type=Path, help="a make_dataset.py folder (sim.mrcs, start.star, truth.star)")
-    ap.add_argument("out", type=Path, help="the new folder (must not exist)")
-    ap.add_argument("--seed", type=int, default=11)
+    ap = derived_dataset.parser(__doc__.split("\n\n")[0], seed=11)
     ap.add_argument("--amplitude", type=float, default=9.0, help="extra noise power at k = 0 (white noise: 1)")
     ap.add_argument("--k0", type=float, default=0.1, help="where the extra power halves, cycles per pixel")
     a = ap.parse_args(argv)
-    a.out.mkdir(parents=True)
-    images = mrcfile.read(a.dataset / "sim.mrcs").astype(np.float64)
+    images = derived_dataset.read_images(a.dataset)
     n, m, _ = images.shape
     rng = np.random.default_rng(a.seed)
     noisy = np.empty(images.shape, dtype=np.float32)
     for start in range(0, n, 500):                   # 500 images at a time: a few hundred MB at box 128
         stop = min(start + 500, n)
         noisy[start:stop] = images[start:stop] + coloured_noise(rng, stop - start, m, a.amplitude, a.k0)
-    with mrcfile.new(a.out / "sim.mrcs") as f:
-        f.set_data(noisy)
-        with mrcfile.open(a.dataset / "sim.mrcs", header_only=True) as src:
-            f.voxel_size = src.voxel_size
-    for name in ("start.star", "truth.star", "sim.star", "ref.mrc", "ref_scaled.mrc"):
-        if (a.dataset / name).is_file():
-            shutil.copy(a.dataset / name, a.out / name)
-    meta = json.loads((a.dataset / "meta.json").read_text())
-    meta.update(coloured_of=str(a.dataset), coloured_seed=a.seed, coloured_amplitude=a.amplitude, coloured_k0=a.k0)
-    (a.out / "meta.json").write_text(json.dumps(meta, indent=1))
+    derived_dataset.write_images(a.dataset, a.out, noisy)
+    derived_dataset.copy_files(a.dataset, a.out, ("start.star", "truth.star", "sim.star", "ref.mrc", "ref_scaled.mrc"))
+    derived_dataset.write_meta(a.dataset, a.out, coloured_of=str(a.dataset), coloured_seed=a.seed,
+                               coloured_amplitude=a.amplitude, coloured_k0=a.k0)
     print(f"wrote {a.out}: {n} images with coloured noise (extra power {a.amplitude:g} / (1 + (k / {a.k0:g})^2))")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,35 +14,27 @@ Run (from the repository root)::
 """
 from __future__ import annotations
 
-import argparse
-import json
-import shutil
 import sys
 from pathlib import Path
 
-import mrcfile
 import numpy as np
 import starfile
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import derived_dataset  # noqa: E402
+
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("dataset", type=Path, help="a make_dataset.py folder (sim.mrcs, start.star, truth.star)")
-    ap.add_argument("out", type=Path, help="the new folder (must not exist)")
-    ap.add_argument("--seed", type=int, default=7)
+    ap = derived_dataset.parser(__doc__.split("\n\n")[0], seed=7)
     ap.add_argument("--max-shift", type=float, default=1.0, help="|tx|, |ty| < this, pixels")
     a = ap.parse_args(argv)
-    a.out.mkdir(parents=True)
-    images = mrcfile.read(a.dataset / "sim.mrcs").astype(np.float64)
+    images = derived_dataset.read_images(a.dataset)
     n, m, _ = images.shape
     t = np.random.default_rng(a.seed).uniform(-a.max_shift, a.max_shift, (n, 2))      # (tx, ty) pixels
     k = np.fft.fftfreq(m)
     phase = np.exp(-2j * np.pi * (k[None, None, :] * t[:, 0, None, None] + k[None, :, None] * t[:, 1, None, None]))
-    moved = np.fft.ifft2(np.fft.fft2(images) * phase).real.astype(np.float32)
-    with mrcfile.new(a.out / "sim.mrcs") as f:
-        f.set_data(moved)
-        with mrcfile.open(a.dataset / "sim.mrcs", header_only=True) as src:
-            f.voxel_size = src.voxel_size
+    derived_dataset.write_images(a.dataset, a.out, np.fft.ifft2(np.fft.fft2(images) * phase).real)
     for name in ("start.star", "truth.star"):
         blocks = starfile.read(a.dataset / name, always_dict=True)
         table = blocks["particles"]
@@ -51,14 +43,11 @@ def main(argv=None) -> int:
         table["rlnOriginXAngst"] = table["rlnOriginXAngst"] - t[index, 0] * apix
         table["rlnOriginYAngst"] = table["rlnOriginYAngst"] - t[index, 1] * apix
         starfile.write(blocks, a.out / name, overwrite=True)
-    for name in ("ref.mrc", "ref_scaled.mrc"):
-        shutil.copy(a.dataset / name, a.out / name)
-    meta = json.loads((a.dataset / "meta.json").read_text())
-    meta.update(subpixel_of=str(a.dataset), subpixel_seed=a.seed, subpixel_max_shift=a.max_shift)
-    (a.out / "meta.json").write_text(json.dumps(meta, indent=1))
+    derived_dataset.copy_files(a.dataset, a.out, ("ref.mrc", "ref_scaled.mrc"))
+    derived_dataset.write_meta(a.dataset, a.out, subpixel_of=str(a.dataset), subpixel_seed=a.seed,
+                               subpixel_max_shift=a.max_shift)
     print(f"wrote {a.out}: {n} images moved by up to {a.max_shift:g} px per axis")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -71,8 +71,9 @@ def background_spectrum(images, ou: float, edge_px: float) -> np.ndarray:
         raise ValueError(f"images must be a non-empty (n, M, M) stack; got shape {tuple(imgs.shape)}")
     m = imgs.shape[1]
     bmask = background_mask(m, ou, edge_px)
-    if background_pixels(m, ou, edge_px) < MIN_BACKGROUND_PIXELS:
-        raise ValueError(f"a mask of radius {ou} leaves {background_pixels(m, ou, edge_px)} background pixels in a "
+    pixels = background_pixels(m, ou, edge_px)
+    if pixels < MIN_BACKGROUND_PIXELS:
+        raise ValueError(f"a mask of radius {ou} leaves {pixels} background pixels in a "
                          f"{m}-pixel box: too few to estimate the noise; use a smaller ou or --objective plain")
     rings = ring_index(m)
     wsum = bmask.sum()
