@@ -77,7 +77,7 @@ def floor(dataset: Path, run: Path, *, samples: int, seed: int) -> list[dict]:
     from gpu_ali3d.geometry import angular_distance
     from gpu_ali3d.io.formats import read_stack, read_volume
     from gpu_ali3d.masking import adaptive_mask
-    from gpu_ali3d.resolution import fit_tanh
+    from gpu_ali3d.resolution import fit_tanh, sphere_mask
     from gpu_ali3d.user_functions import ref_ali3d
 
     opts = refine.job_options(json.loads((run / "job.json").read_text()))
@@ -98,7 +98,7 @@ def floor(dataset: Path, run: Path, *, samples: int, seed: int) -> list[dict]:
     raw, _ = read_volume(run / f"vol{it:03d}_000.hdf")
     volf, _ = read_volume(run / f"volf{it:03d}_000.hdf")
     true, _ = read_volume(dataset / "ref.mrc")
-    sphere = refine._mask(None, box, ou)
+    sphere = sphere_mask(box, ou)                                       # refine's mask without --mask
     mask = adaptive_mask(raw, apix, sphere, threshold=opts.automask) if opts.automask > 0 else sphere
     true_filtered = ref_ali3d([mask, 0, true, curve])[0]
     background = true[~(mask > 0.5)]
