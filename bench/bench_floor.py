@@ -161,15 +161,13 @@ def posterior_mean(images, poses, volf, ctf, apix, ou, opts, kmax, spectrum, bac
         turn = rng.normal(0.0, np.radians(PROPOSAL_DEG), (b, samples, 3))
         move = rng.normal(0.0, PROPOSAL_PX, (b, samples, 2))
         turn[:, 0], move[:, 0] = 0.0, 0.0                                  # the optimum itself is a sample
-        centre = Rotation.from_matrix(rotation_matrix(out[rows, 0], out[rows, 1], out[rows, 2]))
+        rotations = (rotation_matrix(out[rows, 0], out[rows, 1], out[rows, 2])[:, None]
+                     @ Rotation.from_rotvec(turn.reshape(-1, 3)).as_matrix().reshape(b, samples, 3, 3))
         drawn = np.empty((b, samples, 5))
-        quats = np.empty((b, samples, 4))
-        for i in range(b):
-            rot = centre[i] * Rotation.from_rotvec(turn[i])
-            drawn[i, :, 0], drawn[i, :, 1], drawn[i, :, 2] = euler_from_matrix(rot.as_matrix())
-            drawn[i, :, 3:] = out[rows[i], 3:] + move[i]
-            q = rot.as_quat()
-            quats[i] = q * np.sign(q @ q[0])[:, None]
+        drawn[..., 0], drawn[..., 1], drawn[..., 2] = euler_from_matrix(rotations)
+        drawn[..., 3:] = out[rows, None, 3:] + move
+        quats = Rotation.from_matrix(rotations.reshape(-1, 3, 3)).as_quat().reshape(b, samples, 4)
+        quats *= np.sign(np.einsum("bsq,bq->bs", quats, quats[:, 0]))[..., None]     # one hemisphere per image
         xp = np if backend is None else backend.xp
         cc = objective(xp.asarray(drawn.reshape(-1, 5)), xp.asarray(np.repeat(np.arange(b), samples)))
         cc = (cc if backend is None else backend.to_host(cc)).reshape(b, samples)

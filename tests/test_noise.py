@@ -210,9 +210,14 @@ def test_auto_whitens_where_the_box_leaves_background():
     assert chosen == "plain" and f"leaves {few} background pixels" in words
     assert alignment_objective(RefineOptions(objective="plain"), 64, 30) == ("plain", "plain")
     assert alignment_objective(RefineOptions(objective="whitened"), 16, 6)[0] == "whitened"
-    # the count is the background_mask's pixels beyond one half: the pixels background_spectrum reads
-    assert noise.background_pixels(64, 30, MASK_EDGE_PX) == np.count_nonzero(
-        noise.background_mask(64, 30, MASK_EDGE_PX) > 0.5)
+    # auto's count is the estimate's own: background_spectrum refuses the box auto aligns plain on, and takes the
+    # smallest one auto whitens on
+    rng = np.random.default_rng(2)
+    with pytest.raises(ValueError, match=f"leaves {few} background pixels"):
+        noise.background_spectrum(rng.normal(size=(4, 16, 16)), 6, MASK_EDGE_PX)
+    ou = max(r for r in range(1, 8) if noise.background_pixels(16, r, MASK_EDGE_PX) >= noise.MIN_BACKGROUND_PIXELS)
+    assert alignment_objective(RefineOptions(), 16, ou)[0] == "whitened"
+    assert np.isfinite(noise.background_spectrum(rng.normal(size=(4, 16, 16)), ou, MASK_EDGE_PX)).all()
 
 
 def test_a_run_with_the_default_says_and_writes_its_spectrum(tmp_path, capsys):
